@@ -1,0 +1,1 @@
+"""Deterministic tiny datasets in the real Cityscapes and COCO-keypoint formats."""

@@ -1,0 +1,1 @@
+"""Runtime pieces registered in mmengine's root registries."""

@@ -1,0 +1,1 @@
+"""Layers that import neither mmseg nor mmpose."""
