@@ -1,0 +1,40 @@
+"""mmpsa: Polarized Self-Attention for MMSegmentation and MMPose.
+
+OpenMMLab convention: run-time requirements live in ``requirements/``; mmcv and
+mmengine are listed in ``requirements/mminstall.txt`` (installed by mim or by
+``tools/build_mmcv.py``), never in ``install_requires``, so pip never tries to
+build mmcv. mmpose is not in the ``pose`` extra: its metadata names chumpy, which
+does not build; install it with ``pip install --no-deps mmpose==1.3.2``.
+"""
+from pathlib import Path
+from typing import List
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def parse_requirements(name: str) -> List[str]:
+    """Read ``requirements/<name>.txt``, dropping comments and blank lines."""
+    lines = (HERE / 'requirements' / f'{name}.txt').read_text().splitlines()
+    return [ln.split('#')[0].strip() for ln in lines if ln.split('#')[0].strip()]
+
+
+setup(
+    name='mmpsa',
+    version='0.1.0',
+    description='Polarized Self-Attention (PSA) for MMSegmentation and MMPose',
+    long_description=(HERE / 'README.md').read_text() if (HERE / 'README.md').exists() else '',
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=find_packages(include=['mmpsa', 'mmpsa.*']),
+    python_requires='>=3.8',
+    install_requires=parse_requirements('runtime'),
+    extras_require={
+        'seg': parse_requirements('seg'),
+        'pose': parse_requirements('pose'),
+        'mim': parse_requirements('mminstall'),
+        'tests': parse_requirements('tests'),
+    },
+    zip_safe=False,
+)

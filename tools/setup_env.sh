@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Create or update the project virtualenv with the pinned OpenMMLab stack.
+#
+# Idempotent: a stamp in the venv records a hash of everything that decides the
+# install (requirements/, setup.py, this script, tools/build_mmcv.py); when it
+# matches, this returns at once. mmcv's compiled wheel is reused from
+# ${MMPSA_CACHE_DIR:-~/.cache/mmpsa}/wheels (built there once, ~10 min on 2 cores).
+#
+# Environment: VENV (default .venv), PYTHON (default python3),
+#              TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+stamp="$VENV/.mmpsa-setup"
+want=$( (cat requirements/*.txt setup.py tools/setup_env.sh tools/build_mmcv.py; echo "$TORCH_SPEC") | sha256sum | cut -c1-16)
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+start=$(date +%s)
+step() { echo "[setup $(( $(date +%s) - start ))s] $*"; }
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip_q() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | grep -v -E '^WARNING: Location .* is ignored' || true; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+step "torch + build tools ($TORCH_SPEC)"
+# shellcheck disable=SC2086
+pip_q $TORCH_SPEC 'numpy==1.26.4' ninja wheel 'setuptools>=77,<81'
+step "mmcv 2.1.0 with compiled ops (cached wheel, or a ~10 min build)"
+"$VENV/bin/python" tools/build_mmcv.py
+wheel=$("$VENV/bin/python" tools/build_mmcv.py --print-path)
+step "OpenMMLab stack (mmengine, mmcv, mmseg, mmdet, mmpose deps, mim, pytest)"
+pip_q "$wheel" -r requirements/env.txt
+step "mmpose 1.3.2 without its unbuildable chumpy requirement"
+pip_q --no-deps mmpose==1.3.2
+step "mmpsa (editable)"
+pip_q --no-deps --no-build-isolation -e .
+step "checking the stack imports"
+"$VENV/bin/python" - <<'PY'
+import mmcv, mmcv.ops, mmengine, mmseg, mmpose, mmdet, torch, numpy
+import mmseg.models, mmpose.models  # these import mmcv.ops / mmdet at import time
+import mmpsa
+print(f'torch {torch.__version__}, numpy {numpy.__version__}, mmengine {mmengine.__version__}, '
+      f'mmcv {mmcv.__version__} (ops), mmseg {mmseg.__version__}, mmpose {mmpose.__version__}, '
+      f'mmdet {mmdet.__version__}, mmpsa {mmpsa.__version__}')
+PY
+echo "$want" > "$stamp"
+step "done"
