@@ -1,1 +1,72 @@
-"""Placeholder: filled in by its issue."""
+"""PSA backbones for MMSegmentation: mmseg's ResNet and HRNet, a PSA per residual block.
+
+Thin subclasses (`Polarized Self-Attention <https://arxiv.org/abs/2107.00782>`_): the
+stock ``__init__`` with every stock argument, then :func:`mmpsa.insertion.insert_psa`;
+the mechanism (hook, init order, frozen stages) is
+:class:`~mmpsa.insertion.PSABackboneMixin`.
+"""
+from mmseg.models.backbones import HRNet, ResNet, ResNetV1c, ResNetV1d
+from mmseg.registry import MODELS
+
+from ..insertion import PSABackboneMixin
+
+
+@MODELS.register_module()
+class PSAResNet(PSABackboneMixin, ResNet):
+    """mmseg's ResNet with a PSA after conv2+norm2+ReLU of every Bottleneck
+    (after conv1+norm1+ReLU of a BasicBlock): keys ``layer1.0.psa.*``.
+
+    Each ``psa`` is initialised after the backbone's ``init_cfg``; a ``psa`` in a stage
+    covered by ``frozen_stages`` stays trainable.
+
+    Args:
+        psa (dict, optional): ``dict(mode='parallel' | 'sequential',
+            variant='paper' | 'official', stages=None, fused=True)``; ``stages`` holds
+            ``num_stages`` bools (like ``stage_with_dcn``), default every stage.
+            None (default): the stock ResNet, bit for bit.
+        **kwargs: The arguments of :class:`mmseg.models.backbones.ResNet`.
+    """
+
+
+@MODELS.register_module()
+class PSAResNetV1c(PSABackboneMixin, ResNetV1c):
+    """mmseg's ResNetV1c (deep stem; the DeepLabV3+ R50-D8 backbone) with a PSA in every
+    residual block, as :class:`PSAResNet` (keys ``layer1.0.psa.*``; a ``psa`` in a frozen
+    stage stays trainable).
+
+    Args:
+        psa (dict, optional): As for :class:`PSAResNet`; None: the stock ResNetV1c.
+        **kwargs: The arguments of :class:`mmseg.models.backbones.ResNetV1c`.
+    """
+
+
+@MODELS.register_module()
+class PSAResNetV1d(PSABackboneMixin, ResNetV1d):
+    """mmseg's ResNetV1d (deep stem, average-pool downsampling) with a PSA in every
+    residual block, as :class:`PSAResNet` (keys ``layer1.0.psa.*``; a ``psa`` in a
+    frozen stage stays trainable).
+
+    Args:
+        psa (dict, optional): As for :class:`PSAResNet`; None: the stock ResNetV1d.
+        **kwargs: The arguments of :class:`mmseg.models.backbones.ResNetV1d`.
+    """
+
+
+@MODELS.register_module()
+class PSAHRNet(PSABackboneMixin, HRNet):
+    """mmseg's HRNet with a PSA in every residual block: keys ``layer1.0.psa.*`` (stage 1,
+    Bottlenecks) and ``stage2.0.branches.0.0.psa.*`` (stages 2-4, BasicBlocks).
+
+    The paper's placement (every block) is ``psa=dict(mode='parallel')``; the released
+    code's (PSA_s in the BasicBlocks only) is ``psa=dict(stages=(False, True, True, True),
+    variant='official', mode='sequential')``. Each ``psa`` is initialised after the
+    backbone's ``init_cfg``; a ``psa`` in a stage covered by ``frozen_stages`` stays
+    trainable.
+
+    Args:
+        psa (dict, optional): ``dict(mode='parallel' | 'sequential',
+            variant='paper' | 'official', stages=None, fused=True)``; ``stages`` holds
+            4 bools (stage 1 is ``layer1``), default every stage. None (default): the
+            stock HRNet, bit for bit.
+        **kwargs: The arguments of :class:`mmseg.models.backbones.HRNet`.
+    """

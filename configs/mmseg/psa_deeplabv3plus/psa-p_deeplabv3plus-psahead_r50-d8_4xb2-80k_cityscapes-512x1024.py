@@ -1,0 +1,7 @@
+# Opt-in (our extension): psa-p_deeplabv3plus_r50-d8 plus a PSA_p (parallel) block in the
+# decode head, on the fused ASPP features.
+_base_ = ['./psa-p_deeplabv3plus_r50-d8_4xb2-80k_cityscapes-512x1024.py']
+
+model = dict(decode_head=dict(
+    type='PSASepASPPHead',
+    psa=dict(mode='parallel', variant='paper')))

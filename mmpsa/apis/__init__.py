@@ -1,0 +1,1 @@
+"""Library side of the command-line tools in ``tools/`` (each tool is a thin CLI)."""

@@ -1,0 +1,108 @@
+"""Write ``model-index.yml`` and per-folder ``metafile.yml`` (OpenMMLab format).
+
+The numbers come from :mod:`mmpsa.apis.complexity` records (``tools/complexity.py --json``);
+the only results listed are the paper's own, marked as such. No ``Weights`` entries: mmpsa
+publishes no trained checkpoints.
+"""
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import yaml
+
+PAPER = dict(
+    URL='https://arxiv.org/abs/2107.00782',
+    Title='Polarized Self-Attention: Towards High-quality Pixel-wise Regression')
+
+# Results the released repository (DeLightCMU/PSA README, Tables 4 and 5 of the paper)
+# reports, obtained with its own pipeline, keyed by our config stem.
+PAPER_RESULTS = {
+    'psa-p_ocrnet_hr48_4xb2-80k_cityscapes-512x1024': ('mIoU', 86.95),
+    'psa-s_ocrnet_hr48_4xb2-80k_cityscapes-512x1024': ('mIoU', 86.72),
+    'td-hm_psa-p-hrnet-w48_udp-8xb32-210e_coco-256x192': ('AP', 78.9),
+    'td-hm_psa-p-hrnet-w48_udp-8xb32-210e_coco-384x288': ('AP', 79.5),
+    'td-hm_psa-s-hrnet-w48_udp-8xb32-210e_coco-384x288': ('AP', 79.4),
+}
+
+COLLECTIONS = {
+    'mmseg/psa_deeplabv3plus': ('PSA-DeepLabV3+', 'Cityscapes', 'Semantic Segmentation'),
+    'mmseg/psa_hrnet': ('PSA-FCN-HRNetV2', 'Cityscapes', 'Semantic Segmentation'),
+    'mmseg/psa_ocrnet': ('PSA-OCRNet-HRNetV2', 'Cityscapes', 'Semantic Segmentation'),
+    'mmpose/psa_hrnet': ('PSA-TopDown-HRNet', 'COCO', 'Body 2D Keypoint'),
+    'mmpose/psa_resnet': ('PSA-SimpleBaseline', 'COCO', 'Body 2D Keypoint'),
+    'mmpose/psa_head_neck': ('PSA-Heads-Necks-Pose', 'COCO', 'Body 2D Keypoint'),
+}
+
+
+def config_folders(configs_root: Path) -> List[Path]:
+    """The model folders under ``configs/`` (those in :data:`COLLECTIONS`)."""
+    return [configs_root / key for key in COLLECTIONS]
+
+
+def _records(json_files: Iterable[str]) -> Dict[str, Dict[str, dict]]:
+    """config stem -> {'fused'|'literal': record} from complexity JSON files."""
+    out: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for path in json_files:
+        for rec in json.loads(Path(path).read_text()):
+            out[Path(rec['config']).stem][rec.get('psa_form', 'fused')] = rec
+    return out
+
+
+def build_metafiles(repo: Path, json_files: Iterable[str]) -> Dict[Path, dict]:
+    """The metafile content of each model folder.
+
+    Args:
+        repo: Repository root (holds ``configs/``).
+        json_files: Complexity records covering every config (fused and literal).
+
+    Returns:
+        ``{metafile path: content}``.
+    """
+    records = _records(json_files)
+    metafiles = {}
+    for key, (name, dataset, task) in COLLECTIONS.items():
+        folder = repo / 'configs' / key
+        models = []
+        for config in sorted(folder.glob('*.py')):
+            stem = config.stem
+            forms = records.get(stem, {})
+            if 'literal' not in forms or 'fused' not in forms:
+                raise KeyError(f'no complexity record (fused and literal) for {config}')
+            lit, fus = forms['literal'], forms['fused']
+            _, h, w = lit['psa']['input_shape']
+            meta = {
+                'Parameters (M)': round(lit['psa']['params'] / 1e6, 2),
+                'FLOPs (G)': round(lit['psa']['flops'] / 1e9, 2),
+                'FLOPs fused (G)': round(fus['psa']['flops'] / 1e9, 2),
+                'Stock Parameters (M)': round(lit['stock']['params'] / 1e6, 2),
+                'Stock FLOPs (G)': round(lit['stock']['flops'] / 1e9, 2),
+                'Input': f'{h}x{w}',
+            }
+            model = {'Name': stem, 'In Collection': name,
+                     'Config': str(config.relative_to(repo)), 'Metadata': meta}
+            if stem in PAPER_RESULTS:
+                metric, value = PAPER_RESULTS[stem]
+                model['Results'] = [{'Task': task, 'Dataset': dataset,
+                                     'Metrics': {metric: value},
+                                     'Source': 'paper (its pipeline), not reproduced here'}]
+            models.append(model)
+        metafiles[folder / 'metafile.yml'] = {
+            'Collections': [{'Name': name, 'Metadata': {'Training Data': dataset},
+                             'Paper': PAPER, 'README': 'README.md'}],
+            'Models': models,
+        }
+    return metafiles
+
+
+def write_model_index(repo: Path, json_files: Iterable[str],
+                      metafiles: Optional[Dict[Path, dict]] = None) -> List[Path]:
+    """Write every metafile and ``model-index.yml``; return the written paths."""
+    metafiles = metafiles or build_metafiles(repo, json_files)
+    written = []
+    for path, content in metafiles.items():
+        path.write_text(yaml.safe_dump(content, sort_keys=False, width=100))
+        written.append(path)
+    index = {'Import': [str(p.relative_to(repo)) for p in metafiles]}
+    (repo / 'model-index.yml').write_text(yaml.safe_dump(index, sort_keys=False))
+    return written + [repo / 'model-index.yml']

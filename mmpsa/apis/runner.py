@@ -1,0 +1,305 @@
+"""Library side of ``tools/train.py`` and ``tools/test.py``: build a config's runner and run it.
+
+The tools do what mmseg's and mmpose's own ``tools/train.py``/``test.py`` do, for any mmpsa
+(or stock) config: the runner comes from the config's ``default_scope`` registry
+(``runner_type`` honoured, as ``configs/_base_/psa_runtime.py`` uses it), and ``--work-dir``,
+``--resume [PATH]`` (mmpose's form), ``--amp``, ``--cfg-options`` and ``--launcher`` mean
+what they mean there.
+
+One addition: distributed training without GPUs. mmengine 0.10.7 initialises the process
+group with ``torch.cuda.set_device`` and wraps the model with ``device_ids=[LOCAL_RANK]``, and
+``SyncBatchNorm`` refuses CPU tensors; so where CUDA is unavailable, a distributed launch
+initialises a gloo group itself before the runner is built (the runner then skips its own),
+wraps with ``device_ids=None`` and uses plain BN for SyncBN. On GPUs nothing changes.
+"""
+import importlib
+import logging
+import os
+import os.path as osp
+import subprocess
+from typing import Any, Dict, List, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.dist import is_main_process
+from mmengine.logging import print_log
+from mmengine.runner import Runner
+
+from ..engine.loops import check_checkpoint_file
+
+#: The ``default_scope`` values the tools know.
+SCOPES = ('mmseg', 'mmpose')
+#: Values of ``--launcher``.
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+#: Norm layer types that need GPUs, and what they become on CPU.
+_SYNC_NORMS = {'SyncBN': 'BN', 'MMSyncBN': 'BN'}
+
+
+class LaunchError(RuntimeError):
+    """A run that cannot start as asked; the message says why and what to do."""
+
+
+def load_config(config: str, cfg_options: Optional[Dict[str, Any]] = None) -> Config:
+    """Read a config file and merge ``--cfg-options`` into it.
+
+    Args:
+        config: Path of the config file.
+        cfg_options: ``key=value`` overrides (mmengine's ``DictAction`` result).
+
+    Returns:
+        The config; its ``default_scope`` is one of :data:`SCOPES`.
+    """
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(f'{config}: default_scope must be one of {SCOPES}, got {scope!r}')
+    return cfg
+
+
+def set_work_dir(cfg: Config, config: str, work_dir: Optional[str]) -> None:
+    """``--work-dir``, else the config's ``work_dir``, else ``./work_dirs/<config name>``."""
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+
+
+def set_resume(cfg: Config, resume: Optional[str]) -> None:
+    """Apply ``--resume`` in mmpose's form and check the checkpoint it names.
+
+    Args:
+        cfg: The config (``work_dir`` set); changed in place.
+        resume: None (the config decides), ``'auto'`` (the latest checkpoint of the work dir,
+            as its ``last_checkpoint`` names it) or a checkpoint path.
+    """
+    if resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif resume is not None:
+        cfg.resume = True
+        cfg.load_from = resume
+    if cfg.get('load_from'):
+        check_checkpoint_file(cfg.load_from)
+    elif cfg.get('resume'):
+        last = osp.join(cfg.work_dir, 'last_checkpoint')
+        if osp.isfile(last):
+            with open(last) as f:
+                check_checkpoint_file(f.read().strip())
+
+
+def set_amp(cfg: Config) -> None:
+    """``--amp``: mixed precision through mmengine's ``AmpOptimWrapper`` (GPU/NPU/MLU only).
+
+    Raises:
+        LaunchError: Without such a device (``AmpOptimWrapper`` asserts one), or with a
+            custom optimizer wrapper type.
+    """
+    from mmengine.device import get_device
+    device = get_device()
+    if device in ('cpu', 'mps'):
+        raise LaunchError(
+            f'--amp needs a GPU (or NPU/MLU/MUSA) device, and this process has {device!r}: '
+            "mmengine's AmpOptimWrapper refuses to run without one. Train without --amp.")
+    wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper_type == 'AmpOptimWrapper':
+        print_log('AMP training is already enabled in the config.', logger='current',
+                  level=logging.WARNING)
+    elif wrapper_type != 'OptimWrapper':
+        raise LaunchError(f'--amp works with the stock OptimWrapper, got {wrapper_type!r}')
+    else:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def launcher_env(launcher: str, environ: Dict[str, str]) -> Dict[str, str]:
+    """The ``torch.distributed`` ``env://`` variables a launcher's processes need.
+
+    torchrun (``'pytorch'``) sets them itself; slurm and MPI name them their own way
+    (translated here as mmengine's ``init_dist`` does).
+
+    Args:
+        launcher: One of ``'pytorch'``, ``'slurm'``, ``'mpi'``.
+        environ: The process environment.
+
+    Returns:
+        Variables to add to the environment (existing ``MASTER_*`` values win).
+    """
+    if launcher == 'pytorch':
+        return {}
+    if launcher == 'slurm':
+        env = dict(
+            RANK=environ['SLURM_PROCID'],
+            WORLD_SIZE=environ['SLURM_NTASKS'],
+            LOCAL_RANK=environ.get('SLURM_LOCALID', '0'))
+        if 'MASTER_ADDR' not in environ:
+            node_list = environ['SLURM_NODELIST']
+            env['MASTER_ADDR'] = subprocess.getoutput(
+                f'scontrol show hostname {node_list} | head -n1')
+    elif launcher == 'mpi':
+        env = dict(
+            RANK=environ['OMPI_COMM_WORLD_RANK'],
+            WORLD_SIZE=environ['OMPI_COMM_WORLD_SIZE'],
+            LOCAL_RANK=environ['OMPI_COMM_WORLD_LOCAL_RANK'])
+        if 'MASTER_ADDR' not in environ:
+            raise LaunchError('--launcher mpi: set MASTER_ADDR to the address of rank 0')
+    else:
+        raise ValueError(f'launcher must be one of {LAUNCHERS[1:]}, got {launcher!r}')
+    if 'MASTER_PORT' not in environ:
+        env['MASTER_PORT'] = '29500'  # torch.distributed's default, as mmengine uses
+    return env
+
+
+def plain_bn(node: Any) -> None:
+    """Turn every SyncBN norm config under ``node`` into plain BN, in place.
+
+    Args:
+        node: A config dict/list (e.g. ``cfg.model``).
+    """
+    if isinstance(node, dict):
+        if node.get('type') in _SYNC_NORMS:
+            node['type'] = _SYNC_NORMS[node['type']]
+        for value in node.values():
+            plain_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            plain_bn(value)
+
+
+def prepare_distributed(cfg: Config) -> None:
+    """Make a distributed launch (``cfg.launcher != 'none'``) work without CUDA.
+
+    With CUDA this does nothing (the stock NCCL/SyncBN path). Without it: a gloo process
+    group is initialised here, before the runner (which then skips its own ``init_dist``,
+    where mmengine would call ``torch.cuda.set_device``); DDP wraps with ``device_ids=None``;
+    SyncBN becomes BN and ``sync_bn`` is dropped (SyncBatchNorm refuses CPU tensors).
+
+    Args:
+        cfg: The config; changed in place.
+    """
+    launcher = cfg.get('launcher', 'none')
+    if launcher == 'none' or torch.cuda.is_available():
+        return
+    if not torch.distributed.is_initialized():
+        os.environ.update(launcher_env(launcher, os.environ))
+        dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+        kwargs = {}
+        if dist_cfg.get('timeout') is not None:
+            import datetime
+            kwargs['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+        torch.distributed.init_process_group(backend='gloo', init_method='env://', **kwargs)
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel',
+            device_ids=None,
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    elif wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        wrapper['device_ids'] = None
+    plain_bn(cfg.model)
+    cfg.pop('sync_bn', None)
+
+
+def build_runner(cfg: Config) -> Runner:
+    """Build the runner of a config from its ``default_scope``'s ``RUNNERS`` registry.
+
+    ``runner_type`` is honoured as in mmseg's tools (mmpsa's exact-resume runner is selected
+    this way); without it, this is ``Runner.from_cfg``.
+
+    Args:
+        cfg: The config, with ``default_scope`` in :data:`SCOPES`.
+
+    Returns:
+        The runner.
+    """
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(f'default_scope must be one of {SCOPES}, got {scope!r}')
+    registry = importlib.import_module(f'{scope}.registry').RUNNERS
+    if 'runner_type' in cfg:
+        return registry.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def train(config: str,
+          work_dir: Optional[str] = None,
+          resume: Optional[str] = None,
+          amp: bool = False,
+          cfg_options: Optional[Dict[str, Any]] = None,
+          launcher: str = 'none') -> Runner:
+    """Train a config, as ``tools/train.py`` does.
+
+    Args:
+        config: Config file path.
+        work_dir: Where logs and checkpoints go (default: the config's, else
+            ``./work_dirs/<config name>``).
+        resume: None, ``'auto'`` (latest checkpoint in the work dir) or a checkpoint path.
+        amp: Mixed-precision training (needs a GPU).
+        cfg_options: Config overrides.
+        launcher: One of :data:`LAUNCHERS`.
+
+    Returns:
+        The runner after training.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f'launcher must be one of {LAUNCHERS}, got {launcher!r}')
+    cfg = load_config(config, cfg_options)
+    cfg.launcher = launcher
+    set_work_dir(cfg, config, work_dir)
+    if amp:
+        set_amp(cfg)
+    set_resume(cfg, resume)
+    prepare_distributed(cfg)
+    runner = build_runner(cfg)
+    runner.train()
+    return runner
+
+
+def test(config: str,
+         checkpoint: str,
+         work_dir: Optional[str] = None,
+         out: Optional[str] = None,
+         cfg_options: Optional[Dict[str, Any]] = None,
+         launcher: str = 'none') -> dict:
+    """Test a checkpoint, as ``tools/test.py`` does.
+
+    Args:
+        config: Config file path.
+        checkpoint: The checkpoint to evaluate.
+        work_dir: Where logs and metrics go (default as in :func:`train`).
+        out: As the stock tool of the config's scope: mmseg, a folder for the predicted
+            label maps (``IoUMetric(output_dir=..., keep_results=True)``); mmpose, a file
+            (``.json``/``.yaml``/``.pkl``) for the metric results.
+        cfg_options: Config overrides.
+        launcher: One of :data:`LAUNCHERS`.
+
+    Returns:
+        The test metrics.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f'launcher must be one of {LAUNCHERS}, got {launcher!r}')
+    cfg = load_config(config, cfg_options)
+    cfg.launcher = launcher
+    set_work_dir(cfg, config, work_dir)
+    check_checkpoint_file(checkpoint)
+    cfg.load_from = checkpoint
+    if out is not None and cfg.default_scope == 'mmseg':
+        for evaluator in _as_list(cfg.test_evaluator):
+            evaluator['output_dir'] = out
+            evaluator['keep_results'] = True
+    prepare_distributed(cfg)
+    runner = build_runner(cfg)
+    metrics = runner.test()
+    if out is not None and cfg.default_scope == 'mmpose' and is_main_process():
+        import mmengine
+        mmengine.dump(metrics, out)
+    return metrics
+
+
+def _as_list(value: Any) -> List[Any]:
+    """A config entry that may be one dict or a list of them, as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]

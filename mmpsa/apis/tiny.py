@@ -1,0 +1,64 @@
+"""Point the built-in tiny configs at generated data (used by the demo and the tests)."""
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from mmengine.config import Config
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
+
+TINY_SEG = REPO_CONFIGS / 'mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
+TINY_POSE = REPO_CONFIGS / 'mmpose/tiny/td-hm_psa-p-hrnet-tiny_1xb16-5e_tinycoco-96x64.py'
+
+
+def make_tiny_data(root: Union[str, Path], scope: str) -> Path:
+    """Generate the tiny Cityscapes- (``mmseg``) or COCO-format (``mmpose``) set once.
+
+    Args:
+        root: Folder to write into; reused when it already holds the set.
+        scope: ``'mmseg'`` or ``'mmpose'``.
+
+    Returns:
+        ``root`` as a Path.
+    """
+    root = Path(root)
+    if scope == 'mmseg':
+        from mmpsa.datasets.cityscapes_tiny import make_tiny_cityscapes
+        if not (root / 'gtFine' / 'val').is_dir():
+            make_tiny_cityscapes(root)
+    elif scope == 'mmpose':
+        from mmpsa.datasets.coco_tiny import make_tiny_coco
+        if not (root / 'annotations' / 'person_keypoints_val2017.json').is_file():
+            make_tiny_coco(str(root))
+    else:
+        raise ValueError(f'scope must be mmseg or mmpose, got {scope!r}')
+    return root
+
+
+def tiny_config(config: Union[str, Path], data_root: Union[str, Path],
+                work_dir: Optional[Union[str, Path]] = None,
+                cfg_options: Optional[Dict[str, Any]] = None) -> Config:
+    """Load a tiny config with its train/val/test data (and COCO metric) under ``data_root``.
+
+    Args:
+        config: A tiny mmseg or mmpose config file.
+        data_root: The generated data folder.
+        work_dir: The run's work dir.
+        cfg_options: Extra ``--cfg-options``-style overrides, applied last.
+
+    Returns:
+        The config.
+    """
+    cfg = Config.fromfile(str(config))
+    root = str(data_root).rstrip('/') + '/'
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(loader) is not None:
+            cfg[loader].dataset.data_root = root
+    for evaluator in ('val_evaluator', 'test_evaluator'):
+        ev = cfg.get(evaluator)
+        if isinstance(ev, dict) and ev.get('ann_file'):
+            ev.ann_file = root + 'annotations/' + Path(ev.ann_file).name
+    if work_dir is not None:
+        cfg.work_dir = str(work_dir)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg

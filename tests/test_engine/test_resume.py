@@ -1,0 +1,277 @@
+"""Nothing lost when training dies (issue 12 §3), on the tiny seg and pose configs.
+
+A training process is SIGKILLed for real — the seg one midway through writing its second
+checkpoint, the pose one during the epoch after a checkpoint — and ``tools/train.py
+--resume`` continues in its work dir. The losses of every following iteration must equal,
+bit for bit, those of an uninterrupted run with the same seed: random augmentation
+(RandomResize/RandomCrop/RandomFlip, RandomFlip/RandomBBoxTransform), a shuffling sampler and
+a validation at the checkpoint included. The killed runs are subprocesses (one each, started
+together); the uninterrupted and the resumed runs run in this process, single-threaded like
+the subprocesses so that the floating point is the same.
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator
+
+import pytest
+import torch
+
+from mmpsa.apis.runner import train
+from mmpsa.engine import CheckpointReadError
+
+REPO = Path(__file__).resolve().parents[2]
+SEG_BASE = REPO / 'configs/mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
+POSE_BASE = REPO / 'configs/mmpose/tiny/td-hm_psa-p-hrnet-tiny_1xb16-5e_tinycoco-96x64.py'
+RUNTIME = REPO / 'configs/_base_/psa_runtime.py'
+
+PLUGIN = '''
+"""Test-only hooks: log every loss; SIGKILL this process at an iteration or mid-save."""
+import json
+import os
+import signal
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+import mmengine.config.config
+
+# mmengine re-formats the whole config with yapf for every log, dump and checkpoint (about
+# a second each here); the text only looks different without it. Not what is tested.
+mmengine.config.config.FormatCode = lambda text, **kwargs: (text, False)
+
+
+@HOOKS.register_module(force=True)
+class PsaTestLossLog(Hook):
+    priority = 'LOWEST'
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        with open(os.path.join(runner.work_dir, 'losses.jsonl'), 'a') as f:
+            loss = float(outputs['loss'].detach())
+            f.write(json.dumps(dict(iter=runner.iter, loss=loss)) + '\\n')
+
+
+@HOOKS.register_module(force=True)
+class PsaTestKill(Hook):
+    priority = 'LOWEST'
+
+    def __init__(self, at_iter=-1, during_save=None):
+        self.at_iter = at_iter
+        self.during_save = during_save
+
+    def before_train(self, runner):
+        if self.during_save is None:
+            return
+        real_fsync, prefix = os.fsync, '.' + self.during_save + '.'
+
+        def fsync(fd):  # the file is written, not yet renamed: cut it short and die
+            if os.path.basename(os.readlink('/proc/self/fd/%d' % fd)).startswith(prefix):
+                os.ftruncate(fd, os.fstat(fd).st_size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_fsync(fd)
+
+        os.fsync = fsync
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.at_iter:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+SEG_CFG = '''
+_base_ = [{base!r}, {runtime!r}]
+custom_imports = dict(imports=['mmpsa', 'psa_test_plugin'], allow_failed_imports=False)
+train_dataloader = dict(batch_size=2, dataset=dict(data_root={data!r}))
+val_dataloader = dict(dataset=dict(data_root={data!r}))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters=6, val_interval=3)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=3))
+custom_hooks = [dict(type='PsaTestLossLog')]
+'''
+
+POSE_CFG = '''
+_base_ = [{base!r}, {runtime!r}]
+custom_imports = dict(imports=['mmpsa', 'psa_test_plugin'], allow_failed_imports=False)
+data_root = {data!r}
+train_dataloader = dict(batch_size=4, dataset=dict(data_root=data_root))
+val_dataloader = dict(batch_size=4, dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/person_keypoints_val2017.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs=2, val_interval=1)
+param_scheduler = [dict(type='LinearLR', begin=0, end=4, start_factor=0.1, by_epoch=False)]
+default_hooks = dict(logger=dict(interval=1))
+custom_hooks = [dict(type='PsaTestLossLog')]
+'''
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _cpu_without_yapf() -> Iterator[None]:
+    """Runs in this process: on the CPU, as the subprocesses (CUDA_VISIBLE_DEVICES=''), and
+    without mmengine's yapf formatting of config text (cosmetic)."""
+    import mmengine.config.config
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mmengine.config.config, 'FormatCode', lambda text, **kwargs: (text, False))
+        patch.setattr(torch.cuda, 'is_available', lambda: False)
+        yield
+
+
+def _tool(name: str):
+    """Import ``tools/<name>.py`` as a module."""
+    path = REPO / 'tools' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'psa_tools_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Train in this process as the subprocesses do (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _losses(path: Path) -> Dict[int, float]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r['iter']: r['loss'] for r in records}
+
+
+@pytest.fixture(scope='module')
+def killed(tmp_path_factory) -> dict:
+    """Tiny data and configs; the seg and pose runs that get SIGKILLed (run together)."""
+    from mmpsa.datasets.cityscapes_tiny import make_tiny_cityscapes
+    from mmpsa.datasets.coco_tiny import make_tiny_coco
+
+    root = tmp_path_factory.mktemp('resume')
+    make_tiny_cityscapes(root / 'city', num_train=4, num_val=2, size=(64, 128))
+    make_tiny_coco(str(root / 'coco'), num_train=4, num_val=2)
+    (root / 'plugin').mkdir()
+    (root / 'plugin' / 'psa_test_plugin.py').write_text(PLUGIN)
+    cfgs = dict(
+        seg=SEG_CFG.format(base=str(SEG_BASE), runtime=str(RUNTIME), data=f'{root}/city/'),
+        pose=POSE_CFG.format(base=str(POSE_BASE), runtime=str(RUNTIME), data=f'{root}/coco/'))
+    kills = dict(seg="dict(type='PsaTestKill', during_save='iter_6.pth')",
+                 pose="dict(type='PsaTestKill', at_iter=6)")
+    for task, text in cfgs.items():
+        (root / f'{task}.py').write_text(text)
+        (root / f'{task}_kill.py').write_text(
+            f"_base_ = ['./{task}.py']\n"
+            f"custom_hooks = [dict(type='PsaTestLossLog'), {kills[task]}]\n")
+    sys.path.insert(0, str(root / 'plugin'))
+
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', MKL_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(root / 'plugin'), str(REPO)]))
+    procs = {
+        task: subprocess.Popen(
+            [sys.executable, str(REPO / 'tools/train.py'), str(root / f'{task}_kill.py'),
+             '--work-dir', str(root / f'{task}_killed')],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for task in cfgs
+    }
+    outputs = {task: proc.communicate(timeout=600)[0] for task, proc in procs.items()}
+    for task, proc in procs.items():
+        assert proc.returncode == -signal.SIGKILL, outputs[task][-3000:]
+    yield root
+    sys.path.remove(str(root / 'plugin'))
+
+
+def _resume(root: Path, task: str) -> Dict[int, float]:
+    """``tools/train.py CONFIG --resume`` in the killed run's work dir; its losses."""
+    work_dir = root / f'{task}_killed'
+    (work_dir / 'losses.jsonl').rename(work_dir / 'losses_before_kill.jsonl')
+    with _one_thread():
+        _tool('train').main([str(root / f'{task}.py'), '--work-dir', str(work_dir),
+                             '--resume', '--cfg-options', f'experiment_name={task}-resumed',
+                             f'visualizer.name={task}-resumed'])
+    return _losses(work_dir / 'losses.jsonl')
+
+
+def _uninterrupted(root: Path, task: str) -> Dict[int, float]:
+    with _one_thread():
+        train(str(root / f'{task}.py'), work_dir=str(root / f'{task}_full'),
+              cfg_options={'experiment_name': f'{task}-full', 'visualizer.name': f'{task}-full'})
+    return _losses(root / f'{task}_full' / 'losses.jsonl')
+
+
+def test_seg_save_killed_midway_leaves_the_previous_checkpoint(killed):
+    work_dir = killed / 'seg_killed'
+    names = sorted(os.listdir(work_dir))
+    assert 'iter_3.pth' in names and 'iter_6.pth' not in names
+    partial = [n for n in names if n.startswith('.iter_6.pth.') and n.endswith('.tmp')]
+    assert len(partial) == 1 and (work_dir / partial[0]).stat().st_size > 0
+    assert (work_dir / 'last_checkpoint').read_text() == str(work_dir / 'iter_3.pth')
+    ckpt = torch.load(work_dir / 'iter_3.pth', weights_only=True)
+    assert ckpt['meta']['iter'] == 3
+    assert ckpt['message_hub']['runtime_info']['rng_states']['iter'] == 3
+    assert sorted(_losses(work_dir / 'losses.jsonl')) == [0, 1, 2, 3, 4]  # died saving 6
+
+
+def test_seg_resume_after_sigkill_is_exact(killed):
+    full = _uninterrupted(killed, 'seg')
+    resumed = _resume(killed, 'seg')
+    assert sorted(full) == list(range(6))
+    assert sorted(resumed) == [3, 4, 5]  # from iter_3.pth, validated at iteration 3
+    assert [resumed[i] for i in (3, 4, 5)] == [full[i] for i in (3, 4, 5)]
+    before_kill = _losses(killed / 'seg_killed' / 'losses_before_kill.jsonl')
+    assert [before_kill[i] for i in range(5)] == [full[i] for i in range(5)]
+    work_dir = killed / 'seg_killed'
+    assert not [n for n in os.listdir(work_dir) if n.endswith('.tmp')]  # cleaned on start
+    assert (work_dir / 'last_checkpoint').read_text() == str(work_dir / 'iter_6.pth')
+
+
+def test_pose_resume_at_epoch_boundary_is_exact(killed):
+    full = _uninterrupted(killed, 'pose')
+    resumed = _resume(killed, 'pose')
+    iters_per_epoch = len(full) // 2
+    assert sorted(full) == list(range(2 * iters_per_epoch))
+    second_epoch = list(range(iters_per_epoch, 2 * iters_per_epoch))
+    assert sorted(resumed) == second_epoch  # from epoch_1.pth
+    assert [resumed[i] for i in second_epoch] == [full[i] for i in second_epoch]
+
+
+def _truncated_copy(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[:len(data) // 2])
+    return dst
+
+
+def test_truncated_checkpoint_fails_with_an_error_naming_it(killed, tmp_path):
+    bad = _truncated_copy(killed / 'seg_killed' / 'iter_3.pth', tmp_path / 'iter_3.pth')
+    tool = _tool('train')
+    for argv in (['--resume', str(bad)], ['--cfg-options', f'load_from={bad}']):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main([str(killed / 'seg.py'), '--work-dir', str(tmp_path / 'w')] + argv)
+        message = str(exit_info.value.code)
+        assert str(bad) in message and 'truncated or corrupt' in message
+    with pytest.raises(SystemExit, match='does not exist'):
+        tool.main([str(killed / 'seg.py'), '--resume', str(tmp_path / 'missing.pth')])
+
+
+def test_corrupt_checkpoint_data_fails_with_an_error_naming_it(killed, tmp_path):
+    """A complete zip archive whose pickle is garbage passes the quick check; the runner's
+    load then names the file."""
+    import zipfile
+    good = killed / 'seg_killed' / 'iter_3.pth'
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith('/data.pkl'))
+    with open(good, 'rb') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), 'little') for _ in range(2))
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start:start + info.compress_size] = b'\x00' * info.compress_size
+    bad = tmp_path / 'iter_3.pth'
+    bad.write_bytes(bytes(data))
+    with _one_thread(), pytest.raises(CheckpointReadError, match='truncated or corrupt') as err:
+        train(str(killed / 'seg.py'), work_dir=str(tmp_path / 'w'), resume=str(bad),
+              cfg_options={'experiment_name': 'seg-corrupt', 'visualizer.name': 'seg-corrupt'})
+    assert str(bad) in str(err.value)

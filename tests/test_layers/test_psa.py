@@ -1,0 +1,589 @@
+"""Tests of the PolarizedSelfAttention block (mmpsa/layers/psa.py, psa_fused.py)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmpsa.layers import PolarizedSelfAttention
+from mmpsa.layers import psa_fused
+
+VARIANTS = ('paper', 'official')
+MODES = ('parallel', 'sequential')
+ALL = [(v, m) for v in VARIANTS for m in MODES]
+C = 32  # official sequential: LayerNorm over C // 8 = 4 channels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: a second OpenMP thread only adds waiting on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(variant, mode, c=C, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    return PolarizedSelfAttention(c, mode=mode, variant=variant,
+                                  **kw).to(dtype)
+
+
+def pair(variant, mode, **kw):
+    """A fused block and a literal copy with the same parameters."""
+    fused = make(variant, mode, **kw)
+    literal = copy.deepcopy(fused)
+    literal.fused = False
+    return fused, literal
+
+
+def max_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def fwd_bwd(block, x, grad):
+    x = x.detach().clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    out = block(x)
+    out.backward(grad)
+    grads = {n: p.grad for n, p in block.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+def check_fused_vs_literal(variant, mode, dtype, rtol, shape=(2, C, 5, 7),
+                           perturb=0.0):
+    fused, literal = pair(variant, mode, dtype=dtype)
+    torch.manual_seed(1)
+    with torch.no_grad():  # e.g. a non-trivial LayerNorm affine
+        for pf_, pl_ in zip(fused.parameters(), literal.parameters()):
+            pf_.add_(perturb * torch.randn_like(pf_))
+            pl_.copy_(pf_)
+    x = torch.randn(*shape, dtype=dtype)
+    grad = torch.randn(*shape, dtype=dtype)
+    of, xf, pf = fwd_bwd(fused, x, grad)
+    ol, xl, pl = fwd_bwd(literal, x, grad)
+    assert max_rel_err(of, ol) <= rtol
+    assert max_rel_err(xf, xl) <= rtol
+    assert pf.keys() == pl.keys() and all(g is not None for g in pf.values())
+    for name in pl:
+        if name == 'ch_wq.bias':
+            # softmax is shift invariant: the exact gradient is 0, both forms
+            # give rounding noise only
+            scale = pl['ch_wq.weight'].abs().max()
+            assert pf[name].abs().max() <= rtol * scale
+            assert pl[name].abs().max() <= rtol * scale
+        else:
+            assert max_rel_err(pf[name], pl[name]) <= rtol, name
+
+
+# ----------------------------------------------------------------- basics
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('variant,mode', ALL)
+@pytest.mark.parametrize('shape', [(2, C, 6, 4), (1, C, 5, 3), (1, C, 1, 1)])
+def test_output_shape(variant, mode, fused, shape):
+    block = make(variant, mode, fused=fused)
+    x = torch.randn(*shape)
+    out = block(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_state_dict_names(variant, mode):
+    block = make(variant, mode)
+    c2, c8 = C // 2, C // 8
+    if variant == 'paper':
+        shapes = {
+            'ch_wv.weight': (c2, C, 1, 1), 'ch_wv.bias': (c2, ),
+            'ch_wq.weight': (1, C, 1, 1), 'ch_wq.bias': (1, ),
+            'ch_wz.weight': (C, c2, 1, 1), 'ch_wz.bias': (C, ),
+            'ln.weight': (C, ), 'ln.bias': (C, ),
+            'sp_wv.weight': (c2, C, 1, 1), 'sp_wv.bias': (c2, ),
+            'sp_wq.weight': (c2, C, 1, 1), 'sp_wq.bias': (c2, )}
+    elif mode == 'parallel':
+        shapes = {
+            'conv_q_right.weight': (1, C, 1, 1),
+            'conv_v_right.weight': (c2, C, 1, 1),
+            'conv_up.weight': (C, c2, 1, 1),
+            'conv_q_left.weight': (c2, C, 1, 1),
+            'conv_v_left.weight': (c2, C, 1, 1)}
+    else:
+        shapes = {
+            'conv_q_right.weight': (1, C, 1, 1),
+            'conv_v_right.weight': (c2, C, 1, 1),
+            'conv_up.0.weight': (c8, c2, 1, 1), 'conv_up.0.bias': (c8, ),
+            'conv_up.1.weight': (c8, 1, 1), 'conv_up.1.bias': (c8, 1, 1),
+            'conv_up.3.weight': (C, c8, 1, 1), 'conv_up.3.bias': (C, ),
+            'conv_q_left.weight': (c2, C, 1, 1),
+            'conv_v_left.weight': (c2, C, 1, 1)}
+    sd = block.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
+    # the identity observation points hold nothing
+    assert not list(block.ch_attn.parameters())
+    assert not list(block.sp_attn.parameters())
+    assert PolarizedSelfAttention._abbr_ == 'psa'
+
+
+# ------------------------------------------- literal forms vs references
+def _ln(t, weight, bias, eps):
+    mu = t.mean(-1, keepdim=True)
+    var = ((t - mu)**2).mean(-1, keepdim=True)
+    return (t - mu) / torch.sqrt(var + eps) * weight + bias
+
+
+def paper_equations(block, x):
+    """Eq. (1)-(5) of the paper, written with einsum on the block's parameters."""
+    b, c, h, w = x.shape
+    w2 = lambda conv: conv.weight[:, :, 0, 0]  # noqa: E731
+
+    def a_ch(X):  # X: (B, C, N)
+        q = torch.einsum('oc,bcn->bon', w2(block.ch_wq), X)[:, 0]
+        q = q + block.ch_wq.bias
+        v = torch.einsum('oc,bcn->bon', w2(block.ch_wv), X)
+        v = v + block.ch_wv.bias[:, None]
+        z = torch.einsum('io,bo->bi', w2(block.ch_wz),
+                         torch.einsum('bon,bn->bo', v, q.softmax(-1)))
+        z = z + block.ch_wz.bias
+        return torch.sigmoid(_ln(z, block.ln.weight, block.ln.bias,
+                                 block.ln.eps))  # (B, C)
+
+    def a_sp(Y):
+        q = torch.einsum('oc,bcn->bon', w2(block.sp_wq), Y)
+        q = q + block.sp_wq.bias[:, None]
+        v = torch.einsum('oc,bcn->bon', w2(block.sp_wv), Y)
+        v = v + block.sp_wv.bias[:, None]
+        s = q.mean(-1).softmax(-1)  # softmax(GP(W_q(Y)))
+        return torch.sigmoid(torch.einsum('bo,bon->bn', s, v))  # (B, N)
+
+    X = x.flatten(2)
+    z_ch = a_ch(X)[:, :, None] * X
+    if block.mode == 'parallel':
+        out = z_ch + a_sp(X)[:, None, :] * X
+    else:
+        out = a_sp(z_ch)[:, None, :] * z_ch
+    return out.view(b, c, h, w)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_literal_paper_is_the_equations(mode):
+    block = make('paper', mode, dtype=torch.float64, fused=False)
+    with torch.no_grad():  # non-trivial LayerNorm affine
+        block.ln.weight.uniform_(0.5, 1.5)
+        block.ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, C, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(block(x), paper_equations(block, x),
+                               rtol=1e-12, atol=1e-12)
+
+
+class ExtAttnLayout(nn.Module):
+    """External-Attention-pytorch's PSA parameter layout (construction order)."""
+
+    def __init__(self, channel):
+        super().__init__()
+        self.ch_wv = nn.Conv2d(channel, channel // 2, 1)
+        self.ch_wq = nn.Conv2d(channel, 1, 1)
+        self.ch_wz = nn.Conv2d(channel // 2, channel, 1)
+        self.ln = nn.LayerNorm(channel)
+        self.sp_wv = nn.Conv2d(channel, channel // 2, 1)
+        self.sp_wq = nn.Conv2d(channel, channel // 2, 1)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_paper_state_dict_layout_and_default_init(mode):
+    torch.manual_seed(3)
+    ref = ExtAttnLayout(C)
+    block = make('paper', mode, seed=3)
+    assert list(block.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():  # same default init, same RNG order
+        assert torch.equal(block.state_dict()[k], v), k
+    block.load_state_dict(ExtAttnLayout(C).state_dict(), strict=True)
+
+
+class RefPSA(nn.Module):
+    """Re-statement of the released PSA_p (parallel) / PSA_s (sequential) ops."""
+
+    def __init__(self, c, sequential):
+        super().__init__()
+        self.sequential = sequential
+        c2 = c // 2
+        self.conv_q_right = nn.Conv2d(c, 1, 1, bias=False)
+        self.conv_v_right = nn.Conv2d(c, c2, 1, bias=False)
+        if sequential:
+            self.conv_up = nn.Sequential(
+                nn.Conv2d(c2, c2 // 4, 1), nn.LayerNorm([c2 // 4, 1, 1]),
+                nn.ReLU(inplace=True), nn.Conv2d(c2 // 4, c, 1))
+        else:
+            self.conv_up = nn.Conv2d(c2, c, 1, bias=False)
+        self.conv_q_left = nn.Conv2d(c, c2, 1, bias=False)
+        self.conv_v_left = nn.Conv2d(c, c2, 1, bias=False)
+        for m in (self.conv_q_right, self.conv_v_right, self.conv_q_left,
+                  self.conv_v_left):
+            nn.init.kaiming_normal_(m.weight, mode='fan_in',
+                                    nonlinearity='relu')
+
+    def channel_attention(self, x):  # the released `spatial_pool`
+        v = self.conv_v_right(x)
+        b, c2, h, w = v.shape
+        v = v.view(b, c2, h * w)
+        q = F.softmax(self.conv_q_right(x).view(b, 1, h * w), dim=2)
+        ctx = torch.matmul(v, q.transpose(1, 2)).unsqueeze(-1)
+        return x * torch.sigmoid(self.conv_up(ctx))
+
+    def spatial_attention(self, x):  # the released `channel_pool`
+        g = self.conv_q_left(x)
+        b, c2, h, w = g.shape
+        g = F.adaptive_avg_pool2d(g, 1).view(b, c2, 1).permute(0, 2, 1)
+        theta = self.conv_v_left(x).view(b, c2, h * w)
+        if self.sequential:
+            theta = F.softmax(theta, dim=2)
+        ctx = torch.matmul(g, theta)
+        if not self.sequential:
+            ctx = F.softmax(ctx, dim=2)
+        return x * torch.sigmoid(ctx.view(b, 1, h, w))
+
+    def forward(self, x):
+        if self.sequential:
+            return self.spatial_attention(self.channel_attention(x))
+        return self.channel_attention(x) + self.spatial_attention(x)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_literal_official_is_the_released_ops(mode):
+    torch.manual_seed(5)
+    ref = RefPSA(C, mode == 'sequential').double()
+    block = make('official', mode, seed=5, fused=False).double()
+    # same construction order and init: same weights under the same seed
+    assert list(block.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(block.state_dict()[k], v), k
+    with torch.no_grad():  # non-trivial conv_up
+        for p in ref.conv_up.parameters():
+            p.normal_(0, 0.3)
+    block.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, C, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(block(x), ref(x), rtol=1e-13, atol=1e-13)
+
+
+# --------------------------------------------------- fused vs literal
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_fused_matches_literal_fp32(variant, mode):
+    check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5)
+    check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5,
+                           shape=(1, C, 7, 5))
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_fused_matches_literal_fp64(variant, mode):
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11,
+                           perturb=0.3)
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11,
+                           shape=(1, C, 3, 1), perturb=0.3)
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_fused_function_gradcheck(variant, mode):
+    block = make(variant, mode, c=8, dtype=torch.float64)
+    with torch.no_grad():  # perturb so no gradient is trivially zero
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = [p.detach().clone().requires_grad_()
+              for p in psa_fused._params(block)]
+    x = torch.randn(2, 8, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        if variant == 'official' and mode == 'sequential':
+            return psa_fused._FusedPSAs.apply(x, 1e-5, *params)[0]
+        eps = block.ln.eps if variant == 'paper' else 0.0
+        return psa_fused._FusedPSA.apply(x, variant, mode == 'sequential',
+                                         eps, *params)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_plain_fused_path_matches_literal(variant, mode, monkeypatch):
+    # the path taken under torch.compile / torch.export
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11)
+
+
+@pytest.mark.filterwarnings('ignore::FutureWarning')
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_jit_trace_runs_plain_ops(variant, mode):
+    block = make(variant, mode)
+    x = torch.randn(2, C, 6, 5)
+    traced = torch.jit.trace(block, x)
+    # a custom autograd.Function would show up as prim::PythonOp (0 FLOPs in
+    # mmengine's analysis); the trace must hold plain aten ops
+    assert 'prim::PythonOp' not in str(traced.inlined_graph)
+    x2 = torch.randn(2, C, 6, 5)
+    torch.testing.assert_close(traced(x2), block(x2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_fused_output_not_view_and_inplace_after(variant, mode):
+    fused, literal = pair(variant, mode)
+    x = torch.randn(2, C, 5, 7)
+    grads = []
+    for block in (fused, literal):
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        assert out._base is None
+        F.relu(out, inplace=True)  # as the blocks of mmseg/mmpose do
+        out.sum().backward()
+        grads.append(xi.grad)
+    assert max_rel_err(grads[0], grads[1]) <= 1e-5
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_no_grad_eval_deepcopy_channels_last(variant, mode):
+    fused, literal = pair(variant, mode)
+    x = torch.randn(2, C, 5, 7)
+    ref = literal(x).detach()
+    fused.eval()
+    with torch.no_grad():
+        assert max_rel_err(fused(x), ref) <= 1e-5
+        twin = copy.deepcopy(fused)
+        assert max_rel_err(twin(x), ref) <= 1e-5
+        xl = x.to(memory_format=torch.channels_last)
+        assert max_rel_err(fused(xl), ref) <= 1e-5
+        assert max_rel_err(fused(x.transpose(2, 3)),
+                           literal(x.transpose(2, 3))) <= 1e-5
+
+
+@pytest.mark.parametrize('variant,mode', [('paper', 'parallel'),
+                                          ('official', 'parallel')])
+def test_input_without_grad(variant, mode):
+    fused, literal = pair(variant, mode)
+    x = torch.randn(2, C, 5, 7)
+    for block in (fused, literal):
+        block(x).square().sum().backward()
+    for (name, pf), pl in zip(fused.named_parameters(), literal.parameters()):
+        if name != 'ch_wq.bias':
+            assert max_rel_err(pf.grad, pl.grad) <= 1e-5, name
+
+
+def test_double_backward_refuses():
+    block = make('paper', 'parallel')
+    x = torch.randn(1, C, 3, 3, requires_grad=True)
+    (gx, ) = torch.autograd.grad(block(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+# ------------------------------------------------------ observability
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_attention_maps_through_identities(variant, mode):
+    fused, literal = pair(variant, mode)
+    x = torch.randn(2, C, 5, 7)
+    maps = []
+    for block in (fused, literal):
+        seen = {}
+        for name in ('ch_attn', 'sp_attn'):
+            getattr(block, name).register_forward_hook(
+                lambda m, i, o, name=name: seen.__setitem__(name, o.detach()))
+        out = block(x).detach()
+        assert seen['ch_attn'].shape == (2, C, 1, 1)
+        assert seen['sp_attn'].shape == (2, 1, 5, 7)
+        a_ch, a_sp = seen['ch_attn'], seen['sp_attn']
+        if mode == 'parallel':
+            expect = x * a_ch + x * a_sp
+        else:
+            expect = x * a_ch * a_sp
+        assert max_rel_err(out, expect) <= 1e-5
+        maps.append(seen)
+    for name in ('ch_attn', 'sp_attn'):
+        assert max_rel_err(maps[0][name], maps[1][name]) <= 1e-5
+
+
+# ------------------------------------------------------------ numerics
+class DtypeRecorder(TorchDispatchMode):
+    """Records the input dtypes of softmax and layer norm calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ('_softmax', 'softmax', 'native_layer_norm', 'layer_norm'):
+            self.seen.append((name, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_autocast_bf16(variant, mode, fused):
+    block = make(variant, mode, fused=fused)
+    x = torch.randn(2, C, 6, 5)
+    ref = block(x).detach()
+    xg = x.clone().requires_grad_()
+    rec = DtypeRecorder()
+    with torch.autocast('cpu', dtype=torch.bfloat16), rec:
+        out = block(xg)
+    assert rec.seen and all(dt == torch.float32 for _, dt in rec.seen)
+    assert torch.isfinite(out).all()
+    assert max_rel_err(out.float(), ref) <= 0.05
+    out.float().sum().backward()
+    assert torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_large_input_finite(variant, mode):
+    # HW = 512 x 1024, |x| up to 1e4, autocast bf16 and fp32
+    torch.manual_seed(0)
+    x = (torch.rand(1, 8, 512, 1024) * 2 - 1) * 1e4
+    for fused in (True, False):
+        block = make(variant, mode, c=8, fused=fused)
+        with torch.no_grad():
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                assert torch.isfinite(block(x)).all()
+            if fused:
+                assert torch.isfinite(block(x)).all()
+
+
+# ---------------------------------------------------------------- init
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_init_weights_reapplies(variant, mode):
+    block = make(variant, mode, c=64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.fill_(0.123)
+    for _ in range(3):  # any number of times, each re-initialises
+        block.init_weights()
+        assert not block.is_init
+        for name, p in block.named_parameters():
+            assert not torch.all(p == 0.123), name
+    if variant == 'official':
+        # kaiming normal, fan_in, ReLU gain: std = sqrt(2 / C)
+        std = block.conv_v_left.weight.std().item()
+        assert abs(std / math.sqrt(2 / 64) - 1) < 0.15
+    else:  # PyTorch default conv init: U(+-1/sqrt(fan_in)); LayerNorm 1, 0
+        bound = 1 / math.sqrt(64)
+        assert block.ch_wv.weight.abs().max() <= bound
+        assert torch.all(block.ln.weight == 1) and torch.all(block.ln.bias == 0)
+
+
+def test_init_cfg_and_parent_init():
+    from mmengine.model import BaseModule
+    block = PolarizedSelfAttention(
+        16, init_cfg=dict(type='Constant', val=0.5, layer='Conv2d'))
+    for _ in range(2):
+        block.init_weights()
+        assert torch.all(block.ch_wv.weight == 0.5)
+
+    class Parent(BaseModule):
+
+        def __init__(self):
+            super().__init__(
+                init_cfg=dict(type='Constant', val=0.0, layer='Conv2d'))
+            self.psa = PolarizedSelfAttention(16)
+
+    parent = Parent()
+    parent.init_weights()
+    # the parent's init_cfg zeroed the convs, then the block re-applied its own
+    assert parent.psa.ch_wv.weight.abs().sum() > 0
+
+
+# -------------------------------------------------------------- errors
+@pytest.mark.parametrize('kwargs,word', [
+    (dict(in_channels=0), 'in_channels'),
+    (dict(in_channels=-4), 'in_channels'),
+    (dict(in_channels=7), 'in_channels'),
+    (dict(in_channels=8.0), 'in_channels'),
+    (dict(in_channels=True), 'in_channels'),
+    (dict(in_channels='8'), 'in_channels'),
+    (dict(in_channels=6, mode='sequential', variant='official'),
+     'in_channels'),
+    (dict(in_channels=8, mode='serial'), 'mode'),
+    (dict(in_channels=8, variant='released'), 'variant'),
+    (dict(in_channels=8, fused='yes'), 'fused'),
+])
+def test_bad_arguments(kwargs, word):
+    value = {'in_channels': kwargs['in_channels'], **kwargs}[word]
+    with pytest.raises(ValueError, match=word) as err:
+        PolarizedSelfAttention(**kwargs)
+    assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('shape', [(8, 5, 5), (1, 8, 5, 5, 1), (1, 6, 5, 5)])
+def test_bad_inputs(shape, fused):
+    block = PolarizedSelfAttention(8, fused=fused)
+    with pytest.raises(ValueError, match='x') as err:
+        block(torch.randn(*shape))
+    assert repr(tuple(shape)) in str(err.value)
+
+
+# ------------------------------------------------ registry and plugin
+def test_registered_once_builds_from_both_scopes():
+    from mmengine.registry import MODELS as ROOT
+    from mmpose.registry import MODELS as POSE
+    from mmseg.registry import MODELS as SEG
+    assert ROOT.get('PolarizedSelfAttention') is PolarizedSelfAttention
+    for registry in (SEG, POSE):
+        assert 'PolarizedSelfAttention' not in registry.module_dict
+        block = registry.build(dict(type='PolarizedSelfAttention',
+                                    in_channels=8))
+        assert type(block) is PolarizedSelfAttention
+        assert block.in_channels == 8
+    block = SEG.build(
+        dict(type='PolarizedSelfAttention', in_channels=16,
+             mode='sequential', variant='official', fused=False))
+    assert (block.mode, block.variant, block.fused) == ('sequential',
+                                                         'official', False)
+
+
+def test_mmseg_resnet50_plugin():
+    from mmseg.registry import MODELS as SEG
+    backbone = SEG.build(
+        dict(type='ResNetV1c', depth=50, init_cfg=None,
+             plugins=[dict(cfg=dict(type='PolarizedSelfAttention'),
+                           position='after_conv2')]))
+    keys = backbone.state_dict().keys()
+    assert 'layer1.0.psa.ch_wv.weight' in keys
+    assert 'layer4.2.psa.sp_wq.bias' in keys
+    assert not any('polarized' in k for k in keys)
+    assert backbone.layer1[0].psa.in_channels == 64
+    outs = backbone(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [256, 512, 1024, 2048]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+# ------------------------------------------------------------- memory
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_fused_keeps_only_small_tensors_for_backward(variant, mode):
+    from mmpsa.apis.benchmark import saved_activation_bytes
+    fused, literal = pair(variant, mode)
+    b, c, h, w = 2, C, 16, 12
+    x = torch.randn(b, c, h, w, requires_grad=True)
+    beyond_input = saved_activation_bytes(fused, x) - x.nbytes
+    # O(B (C + HW)): a handful of per-sample vectors, no (C/2, HW) tensor
+    assert 0 < beyond_input <= 8 * b * (c + h * w) * x.element_size()
+    assert saved_activation_bytes(literal, x) - x.nbytes > 4 * beyond_input
+
+
+def test_benchmark_table_smoke():
+    from mmpsa.apis.benchmark import bench_shape, format_table
+    r = bench_shape('paper', 'parallel', (8, 4, 4), reps=1)
+    assert r['fused_s'] > 0 and r['literal_s'] > 0
+    assert r['literal_saved'] > r['fused_saved'] > 0
+    table = format_table([r], hrnet_shapes=[(8, 4, 4)])
+    assert '| paper | parallel | 2 x 8 @ 4 x 4 |' in table
+    assert 'geometric-mean speed-up' in table
+
+
+@pytest.mark.filterwarnings('ignore::FutureWarning')
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_mmengine_flops_count_the_fused_ops(variant, mode):
+    from mmengine.analysis import FlopAnalyzer
+    b, c, h, w = 2, C, 6, 5
+    x = torch.randn(b, c, h, w)
+    flops = FlopAnalyzer(make(variant, mode), (x, )).total()
+    literal = FlopAnalyzer(make(variant, mode, fused=False), (x, )).total()
+    # three C-length contractions per pixel at least (0 if a custom
+    # autograd.Function were traced), and well below the literal 1x1 convs
+    assert 3 * b * c * h * w <= flops < literal

@@ -1,0 +1,168 @@
+"""PSANeck and PSAHeatmapHead in mmpose's scope."""
+import copy
+
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+from mmpose.models.heads import HeatmapHead
+from mmpose.registry import MODELS
+
+import mmpsa  # noqa: F401  (registers)
+from mmpsa.layers import PolarizedSelfAttention
+from mmpsa.pose.heads import PSAHeatmapHead
+from mmpsa.pose.necks import PSANeck
+
+init_default_scope('mmpose')
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+PSA_ARGS = [dict(mode=m, variant=v) for m in ('parallel', 'sequential')
+            for v in ('paper', 'official')]
+PSA_IDS = [f"{a['mode']}-{a['variant']}" for a in PSA_ARGS]
+# (HeatmapHead kwargs, input channels): HRNet-style (no deconv) and SimpleBaseline-style
+HEADS = {
+    'hrnet': dict(in_channels=16, out_channels=17, deconv_out_channels=None),
+    'simplebaseline': dict(in_channels=32, out_channels=17, deconv_out_channels=(16, 16),
+                           deconv_kernel_sizes=(4, 4)),
+    'convs': dict(in_channels=32, out_channels=17, deconv_out_channels=(16, ),
+                  deconv_kernel_sizes=(4, ), conv_out_channels=(24, ),
+                  conv_kernel_sizes=(3, )),
+}
+
+
+def _feats(in_channels, hw=(6, 4), batch=2):
+    torch.manual_seed(1)
+    return (torch.randn(batch, in_channels, *hw), )
+
+
+# ------------------------------------------------------------------------------- neck
+@pytest.mark.parametrize('psa', PSA_ARGS, ids=PSA_IDS)
+def test_neck_keeps_shapes_one_block_per_level(psa):
+    neck = MODELS.build(dict(type='PSANeck', in_channels=[8, 16, 32], psa=psa))
+    assert isinstance(neck, PSANeck)
+    neck.init_weights()
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(2, c, 16 // 2**i, 12 // 2**i)
+                  for i, c in enumerate((8, 16, 32)))
+    outs = neck(feats)
+    assert isinstance(outs, tuple) and len(outs) == 3
+    for block, x, y in zip(neck.psa, feats, outs):
+        assert isinstance(block, PolarizedSelfAttention)
+        assert (block.mode, block.variant) == (psa['mode'], psa['variant'])
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, block(x))  # level i goes through block i
+    first = 'ch_wv.weight' if psa['variant'] == 'paper' else 'conv_v_right.weight'
+    assert {f'psa.{i}.{first}' for i in range(3)} <= set(neck.state_dict())
+
+
+def test_neck_single_tensor_and_default_psa():
+    neck = PSANeck(in_channels=16)
+    assert (neck.psa[0].mode, neck.psa[0].variant) == ('parallel', 'paper')
+    x = torch.randn(1, 16, 8, 6)
+    assert neck(x).shape == x.shape
+
+
+def test_neck_bad_config():
+    with pytest.raises(ValueError, match="unknown psa keys \\['stages'\\]"):
+        PSANeck(in_channels=[8], psa=dict(mode='parallel', stages=(True, )))
+    for bad in (0, [], [8, 0], 'eight', [8.0]):
+        with pytest.raises(ValueError, match='in_channels'):
+            PSANeck(in_channels=bad)
+    with pytest.raises(ValueError, match='mode'):
+        PSANeck(in_channels=[8], psa=dict(mode='diagonal'))
+    neck = PSANeck(in_channels=[8, 16])
+    with pytest.raises(ValueError, match='in_channels lists 2 levels'):
+        neck((torch.randn(1, 8, 4, 4), ))
+    with pytest.raises(ValueError, match='in_channels=\\[8, 16\\]'):
+        neck((torch.randn(1, 8, 4, 4), torch.randn(1, 12, 2, 2)))
+
+
+# ------------------------------------------------------------------------------- head
+def _pair(kind, psa=None, seed=0):
+    """A stock HeatmapHead and a PSAHeatmapHead built under the same seed, initialised."""
+    torch.manual_seed(seed)
+    stock = HeatmapHead(**HEADS[kind])
+    stock.init_weights()
+    torch.manual_seed(seed)
+    ours = MODELS.build(dict(type='PSAHeatmapHead', psa=psa, **HEADS[kind]))
+    ours.init_weights()
+    return stock, ours
+
+
+@pytest.mark.parametrize('kind', HEADS)
+def test_head_without_psa_is_the_stock_head(kind):
+    stock, ours = _pair(kind)
+    assert ours.psa is None
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    for key, value in stock.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    feats = _feats(HEADS[kind]['in_channels'])
+    assert torch.equal(ours(feats), stock(feats))
+    # a stock checkpoint loads strictly
+    ours.load_state_dict(stock.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize('psa', PSA_ARGS, ids=PSA_IDS)
+@pytest.mark.parametrize('kind', HEADS)
+def test_head_psa_before_final_layer(kind, psa):
+    stock, ours = _pair(kind, psa)
+    cfg = HEADS[kind]
+    channels = (cfg.get('conv_out_channels') or cfg['deconv_out_channels']
+                or (cfg['in_channels'], ))[-1]
+    assert isinstance(ours.psa, PolarizedSelfAttention)
+    assert ours.psa.in_channels == channels and ours.psa.mode == psa['mode']
+    # stock weights load with only the psa keys missing
+    result = ours.load_state_dict(stock.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.startswith('psa.') for k in result.missing_keys)
+    seen = {}
+    ours.psa.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    feats = _feats(cfg['in_channels'])
+    out = ours(feats)
+    assert out.shape == stock(feats).shape
+    # the block sees the deconvolved/convolved features, the final 1x1 sees its output
+    torch.testing.assert_close(seen['x'], ours.conv_layers(ours.deconv_layers(feats[-1])))
+    torch.testing.assert_close(out, ours.final_layer(seen['y']))
+    assert not torch.allclose(out, stock(feats))
+
+
+def test_head_psa_keeps_its_own_init():
+    """The head's init_cfg (Normal std=0.001 on every Conv2d) must not reach the block."""
+    _, ours = _pair('hrnet', dict(mode='parallel', variant='paper'))
+    assert ours.final_layer.weight.std() < 0.01  # the stock init did run
+    for name in ('ch_wv', 'ch_wq', 'ch_wz', 'sp_wv', 'sp_wq'):
+        assert getattr(ours.psa, name).weight.std() > 0.05, name
+    fresh = PolarizedSelfAttention(16)
+    assert float(ours.psa.ch_wv.weight.std()) == pytest.approx(
+        float(fresh.ch_wv.weight.std()), rel=0.5)
+
+
+def test_head_trains_the_block():
+    _, ours = _pair('simplebaseline', dict(mode='sequential', variant='paper'))
+    ours(_feats(32)).square().mean().backward()
+    grads = [p.grad for p in ours.psa.parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_head_bad_config():
+    with pytest.raises(ValueError, match="unknown psa keys \\['foo'\\]"):
+        PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
+                       psa=dict(mode='parallel', foo=1))
+    with pytest.raises(ValueError, match='psa must be a dict'):
+        PSAHeatmapHead(in_channels=16, out_channels=17, psa='parallel')
+    with pytest.raises(ValueError, match='in_channels'):
+        PSAHeatmapHead(in_channels=[16, 32], out_channels=17, deconv_out_channels=None,
+                       psa=dict(mode='parallel'))
+    with pytest.raises(ValueError, match='variant'):
+        PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
+                       psa=dict(variant='released'))
+    head = PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
+                          psa=dict(mode='parallel'))
+    with pytest.raises(ValueError, match='in_channels=16 does not match'):
+        head((torch.randn(1, 32, 8, 6), ))
+
+
+def test_head_survives_deepcopy():
+    _, ours = _pair('hrnet', dict(mode='parallel', variant='paper'))
+    twin = copy.deepcopy(ours)
+    feats = _feats(16)
+    torch.testing.assert_close(twin(feats), ours(feats))
