@@ -30,6 +30,7 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
 
 from ..layers import PolarizedSelfAttention
+from .runner import load_config
 
 ConfigLike = Union[str, Path, Config]
 
@@ -72,26 +73,6 @@ class Comparison:
         out = asdict(self)
         out.update(extra_params=self.extra_params, extra_flops=self.extra_flops)
         return out
-
-
-def load_config(config: ConfigLike, cfg_options: Optional[dict] = None) -> Config:
-    """Load a config file (``scope::path`` names a config shipped in a package) or copy one.
-
-    Args:
-        config: A path, ``'mmseg::hrnet/fcn_hr48_4xb2-80k_cityscapes-512x1024.py'``, or a
-            ``Config``.
-        cfg_options: Overrides merged into it (as ``--cfg-options``).
-    """
-    if isinstance(config, Config):
-        cfg = copy.deepcopy(config)
-    elif '::' in str(config):
-        from mmengine.hub import get_config  # package configs: mmseg::..., mmpose::...
-        cfg = get_config(str(config))
-    else:
-        cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
 
 
 def default_input_hw(cfg: Config) -> Tuple[int, int]:

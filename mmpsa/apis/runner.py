@@ -12,12 +12,13 @@ group with ``torch.cuda.set_device`` and wraps the model with ``device_ids=[LOCA
 initialises a gloo group itself before the runner is built (the runner then skips its own),
 wraps with ``device_ids=None`` and uses plain BN for SyncBN. On GPUs nothing changes.
 """
+import copy
 import importlib
 import logging
 import os
 import os.path as osp
 import subprocess
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from mmengine.config import Config
@@ -39,17 +40,25 @@ class LaunchError(RuntimeError):
     """A run that cannot start as asked; the message says why and what to do."""
 
 
-def load_config(config: str, cfg_options: Optional[Dict[str, Any]] = None) -> Config:
-    """Read a config file and merge ``--cfg-options`` into it.
+def load_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]] = None
+                ) -> Config:
+    """Load a config and merge ``--cfg-options`` into it.
 
     Args:
-        config: Path of the config file.
+        config: A path, a package config (``'mmseg::hrnet/fcn_hr48_...py'``), or a
+            ``Config`` (copied).
         cfg_options: ``key=value`` overrides (mmengine's ``DictAction`` result).
 
     Returns:
         The config; its ``default_scope`` is one of :data:`SCOPES`.
     """
-    cfg = Config.fromfile(config)
+    if isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    elif '::' in str(config):
+        from mmengine.hub import get_config  # package configs: mmseg::..., mmpose::...
+        cfg = get_config(str(config))
+    else:
+        cfg = Config.fromfile(str(config))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     scope = cfg.get('default_scope')
