@@ -6,18 +6,14 @@ Toy runs (a linear model with dropout on randomly augmented data, a few iteratio
 written, before it takes the final name).
 """
 import os
-import random
 from typing import Dict, List
 
-import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.model import BaseModel
-from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, RUNNERS
-from torch.utils.data import Dataset
+from mmengine.registry import HOOKS, METRICS, RUNNERS
 
 import mmpsa  # noqa: F401  (registers)
 
@@ -26,38 +22,6 @@ LOSSES: Dict[str, Dict[int, float]] = {}
 
 class _Crash(Exception):
     """Stands for the process dying."""
-
-
-@MODELS.register_module(name='PsaTestHooksToyModel', force=True)
-class ToyModel(BaseModel):
-    """y = w.x + b with dropout on x."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-        self.dropout = torch.nn.Dropout(0.5)
-
-    def forward(self, inputs: List[torch.Tensor], labels: List[torch.Tensor],
-                mode: str = 'tensor'):
-        out = self.linear(self.dropout(torch.stack(inputs)))
-        if mode == 'loss':
-            return dict(loss=((out - torch.stack(labels))**2).mean())
-        return [dict(pred=float(o)) for o in out]
-
-
-@DATASETS.register_module(name='PsaTestHooksAugDataset', force=True)
-class AugDataset(Dataset):
-    """Eight randomly augmented samples (torch, numpy and python draws)."""
-
-    metainfo: dict = dict()
-
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, i: int) -> dict:
-        x = torch.full((4, ), float(i)) + torch.rand(4) + float(np.random.rand())
-        return dict(inputs=x * random.uniform(0.5, 1.5),
-                    labels=torch.tensor([i % 3], dtype=torch.float))
 
 
 @METRICS.register_module(name='PsaTestHooksMetric', force=True)
@@ -96,16 +60,16 @@ def _cfg(work_dir, tag: str, max_iters: int = 4, interval: int = 2, val_interval
          safe: bool = True, resume: bool = False, crash_at: int = -1, **hook_args) -> Config:
     """An iteration-based toy config (SafeCheckpointHook unless ``safe=False``)."""
     cfg = dict(
-        model=dict(type='PsaTestHooksToyModel'),
+        model=dict(type='PsaTestToyModel'),
         work_dir=str(work_dir),
         experiment_name=f'{tag}-{"resume" if resume else "run"}',
         train_dataloader=dict(
-            dataset=dict(type='PsaTestHooksAugDataset'),
+            dataset=dict(type='PsaTestAugDataset'),
             sampler=dict(type='InfiniteSampler', shuffle=True),
             batch_size=2,
             num_workers=0),
         val_dataloader=dict(
-            dataset=dict(type='PsaTestHooksAugDataset'),
+            dataset=dict(type='PsaTestAugDataset'),
             sampler=dict(type='DefaultSampler', shuffle=False),
             batch_size=4,
             num_workers=0),

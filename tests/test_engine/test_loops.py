@@ -8,7 +8,7 @@ uninterrupted run's, bit for bit. The stock runner does not get there (checked, 
 comparison can fail).
 """
 import random
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -16,9 +16,7 @@ import torch
 from mmengine.config import Config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.model import BaseModel
-from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS, RUNNERS
-from torch.utils.data import Dataset
+from mmengine.registry import HOOKS, METRICS, RUNNERS
 
 import mmpsa  # noqa: F401  (registers)
 from mmpsa.engine import ExactResumeRunner
@@ -29,38 +27,6 @@ LOSSES: Dict[str, Dict[int, float]] = {}
 
 class _Crash(Exception):
     """Stands for the process dying."""
-
-
-@MODELS.register_module(name='PsaTestLoopsToyModel', force=True)
-class ToyModel(BaseModel):
-    """y = w.x + b with dropout on x: training draws from torch's RNG."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-        self.dropout = torch.nn.Dropout(0.5)
-
-    def forward(self, inputs: List[torch.Tensor], labels: List[torch.Tensor],
-                mode: str = 'tensor'):
-        out = self.linear(self.dropout(torch.stack(inputs)))
-        if mode == 'loss':
-            return dict(loss=((out - torch.stack(labels))**2).mean())
-        return [dict(pred=float(o)) for o in out]
-
-
-@DATASETS.register_module(name='PsaTestLoopsAugDataset', force=True)
-class AugDataset(Dataset):
-    """Eight samples, each randomly 'augmented' with torch, numpy and python draws."""
-
-    metainfo: dict = dict()
-
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, i: int) -> dict:
-        x = torch.full((4, ), float(i)) + torch.rand(4) + float(np.random.rand())
-        return dict(inputs=x * random.uniform(0.5, 1.5),
-                    labels=torch.tensor([i % 3], dtype=torch.float))
 
 
 @METRICS.register_module(name='PsaTestLoopsMetric', force=True)
@@ -103,17 +69,17 @@ def _cfg(work_dir: str, tag: str, by_epoch: bool, exact: bool, crash_at: int = -
         checkpoint = dict(type='CheckpointHook', interval=4, by_epoch=False)
         sampler = dict(type='InfiniteSampler', shuffle=True)
     cfg = dict(
-        model=dict(type='PsaTestLoopsToyModel'),
+        model=dict(type='PsaTestToyModel'),
         work_dir=work_dir,
         experiment_name=f'{tag}-{"resume" if resume else "run"}',
         train_dataloader=dict(
-            dataset=dict(type='PsaTestLoopsAugDataset'),
+            dataset=dict(type='PsaTestAugDataset'),
             sampler=sampler,
             batch_size=2,
             num_workers=0,
             collate_fn=dict(type='pseudo_collate')),
         val_dataloader=dict(
-            dataset=dict(type='PsaTestLoopsAugDataset'),
+            dataset=dict(type='PsaTestAugDataset'),
             sampler=dict(type='DefaultSampler', shuffle=False),
             batch_size=4,
             num_workers=0),
