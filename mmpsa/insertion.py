@@ -82,6 +82,31 @@ def residual_stages(backbone: nn.Module) -> List[List[nn.Module]]:
     return [[block for c in stage for block in _blocks_in(c)] for stage in containers]
 
 
+def backbone_out_channels(backbone: nn.Module) -> Optional[List[int]]:
+    """Channels of the feature maps a built ResNet or HRNet returns, in order.
+
+    Read from the structure (mmseg's and mmpose's classes alike, PSA subclasses included):
+    a ResNet appends layer ``i``'s output when ``i`` is in ``out_indices``; an HRNet returns
+    the branches of its last module (all of them, or the first, by ``multiscale_output``).
+    ``None`` for any other backbone, whose outputs are then checked at the first forward.
+
+    Args:
+        backbone: A built backbone.
+    """
+    res_layers = getattr(backbone, 'res_layers', None)
+    if isinstance(res_layers, (list, tuple)) and res_layers and hasattr(backbone, 'out_indices'):
+        # mmpose keeps the block expansion on the backbone, mmseg on the block class
+        expansion = getattr(backbone, 'expansion', None) or getattr(backbone.block, 'expansion', 1)
+        base = getattr(backbone, 'base_channels', 64)
+        return [base * 2**i * expansion for i in range(len(res_layers))
+                if i in backbone.out_indices]
+    stage4 = getattr(backbone, 'stage4', None)
+    if isinstance(stage4, nn.Sequential) and len(stage4) and hasattr(stage4[-1], 'in_channels'):
+        last = stage4[-1]  # its in_channels already include the block expansion
+        return list(last.in_channels) if last.multiscale_output else [last.in_channels[0]]
+    return None
+
+
 def parse_psa_cfg(psa: Any, num_stages: int) -> Dict[str, Any]:
     """Check a backbone's ``psa`` argument and fill in its defaults.
 

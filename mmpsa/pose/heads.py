@@ -92,6 +92,17 @@ class PSAHeatmapHead(HeatmapHead):
         if self.psa is not None:
             self.psa.init_weights()
 
+    def check_inputs(self, channels: int, source: str) -> None:
+        """Raise ValueError naming ``in_channels`` unless it equals ``channels``.
+
+        Args:
+            channels: Channels of the feature map the head receives (the last level).
+            source: Who produces it, for the message.
+        """
+        if isinstance(self.in_channels, int) and channels != self.in_channels:
+            raise ValueError(f'PSAHeatmapHead: in_channels={self.in_channels} does not '
+                             f'match {source}, got {channels} channels')
+
     def forward(self, feats: Tuple[Tensor]) -> Tensor:
         """Heatmaps from the last feature map: deconvs, convs, PSA, final conv.
 
@@ -102,9 +113,7 @@ class PSAHeatmapHead(HeatmapHead):
             Tensor: Heatmaps (B, K, H, W).
         """
         x = feats[-1]
-        if isinstance(self.in_channels, int) and x.shape[1] != self.in_channels:
-            raise ValueError(f'PSAHeatmapHead: in_channels={self.in_channels} does not '
-                             f'match the input feature map, got {x.shape[1]} channels')
+        self.check_inputs(x.shape[1], 'the input feature map')
         x = self.deconv_layers(x)
         x = self.conv_layers(x)
         if self.psa is not None:

@@ -9,7 +9,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from mmengine.model import BaseModule
 from mmpose.registry import MODELS
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
+from ..insertion import backbone_out_channels
 from ..layers import PolarizedSelfAttention
 
 #: The keys ``psa=dict(...)`` of a neck or head accepts (the block's arguments).
@@ -79,6 +81,23 @@ class PSANeck(BaseModule):
         for block in self.psa:
             block.init_weights()
 
+    def check_inputs(self, channels: Sequence[int], source: str) -> None:
+        """Raise ValueError naming ``in_channels`` unless ``channels`` match it.
+
+        Args:
+            channels: The channels of the levels this neck receives.
+            source: Who produces them, for the message.
+        """
+        channels = list(channels)
+        if len(channels) != len(self.in_channels):
+            raise ValueError(
+                f'PSANeck: in_channels lists {len(self.in_channels)} levels '
+                f'({self.in_channels}) but {source} gives {len(channels)} feature maps '
+                f'with channels {channels}')
+        if channels != self.in_channels:
+            raise ValueError(f'PSANeck: in_channels={self.in_channels} does not match the '
+                             f'channels of {source}, got {channels}')
+
     def forward(self, inputs: Union[Tensor, Sequence[Tensor]]
                 ) -> Union[Tensor, Tuple[Tensor, ...]]:
         """Apply level ``i``'s PSA to ``inputs[i]``.
@@ -91,14 +110,37 @@ class PSANeck(BaseModule):
         """
         single = isinstance(inputs, Tensor)
         feats = (inputs, ) if single else tuple(inputs)
-        if len(feats) != len(self.psa):
-            raise ValueError(
-                f'PSANeck: in_channels lists {len(self.psa)} levels '
-                f'({self.in_channels}) but the backbone gives {len(feats)} feature maps '
-                f'with channels {[f.shape[1] for f in feats]}')
-        got = [f.shape[1] for f in feats]
-        if got != self.in_channels:
-            raise ValueError(f'PSANeck: in_channels={self.in_channels} does not match the '
-                             f'channels of the backbone outputs, got {got}')
+        self.check_inputs([f.shape[1] for f in feats], 'the backbone')
         outs = tuple(block(x) for block, x in zip(self.psa, feats))
         return outs[0] if single else outs
+
+
+def _check_on_assign(parent: nn.Module, name: str, module: nn.Module) -> None:
+    """Module-registration hook: when a pose estimator assigns our neck or head beside its
+    backbone, check their ``in_channels`` against it, so the config fails at build time.
+
+    mmpose builds ``backbone``, ``neck``, ``head`` in that order as attributes of the
+    estimator, without showing the later ones the backbone; this hook sees each assignment.
+    It acts on mmpsa's PSANeck and PSAHeatmapHead only, and only for backbones whose output
+    channels :func:`~mmpsa.insertion.backbone_out_channels` knows.
+    """
+    from .heads import PSAHeatmapHead
+    if not isinstance(module, (PSANeck, PSAHeatmapHead)) or name not in ('neck', 'head'):
+        return None
+    backbone = getattr(parent, 'backbone', None)
+    channels = backbone_out_channels(backbone) if isinstance(backbone, nn.Module) else None
+    source = f'the backbone ({type(backbone).__name__})'
+    neck = getattr(parent, 'neck', None)
+    if name == 'head' and neck is not None:  # a neck sits between: trust only ours
+        channels, source = (list(neck.in_channels), 'the PSANeck') \
+            if isinstance(neck, PSANeck) else (None, '')
+    if channels is None:
+        return None
+    if isinstance(module, PSANeck):
+        module.check_inputs(channels, source)
+    else:
+        module.check_inputs(channels[-1], source)
+    return None
+
+
+register_module_module_registration_hook(_check_on_assign)

@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..layers import PolarizedSelfAttention
-from .necks import PSANeck, backbone_out_channels, build_psa, check_channel_list
+from ..insertion import backbone_out_channels
+from .necks import PSANeck, build_psa, check_channel_list
 
 
 def build_head_psa(owner: str, psa: Optional[dict],

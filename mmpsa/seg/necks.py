@@ -13,11 +13,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
-from mmseg.models.backbones import HRNet, ResNet
 from mmseg.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from ..insertion import backbone_out_channels
 from ..layers import PolarizedSelfAttention
 
 
@@ -37,27 +37,6 @@ def check_channel_list(owner: str, field: str, value: object) -> List[int]:
         raise ValueError(f'{owner}: {field} must be a non-empty list of positive ints, '
                          f'got {value!r}')
     return list(value)
-
-
-def backbone_out_channels(backbone: nn.Module) -> Optional[List[int]]:
-    """Channels of the feature maps a built backbone returns, in order.
-
-    Known for mmseg's ``ResNet`` and ``HRNet`` families (their PSA subclasses included);
-    ``None`` for any other backbone, whose outputs are then checked in the first forward.
-
-    Args:
-        backbone: The built backbone.
-    """
-    if isinstance(backbone, ResNet):
-        # the stock forward appends layer i's output, in layer order, when i is in out_indices
-        return [
-            backbone.base_channels * 2**i * backbone.block.expansion
-            for i in range(len(backbone.res_layers)) if i in backbone.out_indices
-        ]
-    if isinstance(backbone, HRNet):
-        last = backbone.stage4[-1]  # the last HRModule; its in_channels already hold expansion
-        return list(last.in_channels) if last.multiscale_output else [last.in_channels[0]]
-    return None
 
 
 #: The keys a neck's or head's ``psa=dict(...)`` accepts (the block's arguments).

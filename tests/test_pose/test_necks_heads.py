@@ -166,3 +166,44 @@ def test_head_survives_deepcopy():
     twin = copy.deepcopy(ours)
     feats = _feats(16)
     torch.testing.assert_close(twin(feats), ours(feats))
+
+
+# ---- cross-module mismatches fail when the pose estimator is built (not at the first forward)
+
+def _tiny_estimator_cfg() -> dict:
+    from mmpsa.apis.tiny import TINY_POSE, tiny_config
+    return copy.deepcopy(tiny_config(TINY_POSE, '/nonexistent').model.to_dict())
+
+
+def test_head_in_channels_mismatch_fails_at_build_naming_it():
+    from mmpose.registry import MODELS as POSE_MODELS
+    cfg = _tiny_estimator_cfg()  # tiny HRNet: one 16-channel output
+    cfg['head'].update(type='PSAHeatmapHead', in_channels=24, psa=dict(mode='parallel'))
+    with pytest.raises(ValueError, match=r'PSAHeatmapHead: in_channels=24 .*got 16'):
+        POSE_MODELS.build(cfg)
+    cfg['head']['in_channels'] = 16
+    assert POSE_MODELS.build(cfg).head.psa is not None
+
+
+def test_neck_level_count_mismatch_fails_at_build_naming_it():
+    from mmpose.registry import MODELS as POSE_MODELS
+    cfg = _tiny_estimator_cfg()
+    cfg['neck'] = dict(type='PSANeck', in_channels=[16, 32])
+    with pytest.raises(ValueError, match=r'PSANeck: in_channels lists 2 levels'):
+        POSE_MODELS.build(cfg)
+    cfg['neck'] = dict(type='PSANeck', in_channels=[16])
+    cfg['head'].update(type='PSAHeatmapHead', in_channels=8)
+    with pytest.raises(ValueError, match=r'in_channels=8 does not match the PSANeck'):
+        POSE_MODELS.build(cfg)
+
+
+@pytest.mark.parametrize('depth, out_indices', [(18, (3, )), (50, (0, 1, 2, 3))])
+def test_backbone_out_channels_match_the_real_outputs(depth, out_indices):
+    from mmpose.models.backbones import ResNet
+
+    from mmpsa.insertion import backbone_out_channels
+    backbone = ResNet(depth=depth, out_indices=out_indices)
+    backbone.eval()  # mmpose's ResNet.train() returns None: do not chain
+    with torch.no_grad():
+        outs = backbone(torch.rand(1, 3, 32, 32))
+    assert backbone_out_channels(backbone) == [o.shape[1] for o in outs]
