@@ -17,9 +17,9 @@ The gradient w.r.t. X of each reduction is an outer product, so the hand-written
 backward is ``dX = dOut * M + U V^T`` with ``U`` (C x 4), ``V`` (HW x 4): one
 elementwise pass plus one batched matmul. It keeps only O(B (C + HW)) tensors besides
 the input. The official sequential variant (PSA_s) applies a per-channel softmax over
-pixels to ``W_v(Y)``, which does not fuse: :class:`_FusedPSAs` computes it with
-``a_ch`` folded into ``W_v`` (``Y`` is never materialised) and recomputes it in
-backward rather than keeping it. Under ``torch.jit`` tracing and
+pixels to ``W_v(Y)``, which does not fuse: :func:`_forward_s` computes it with ``a_ch``
+folded into ``W_v`` (``Y`` is never materialised) and :func:`_backward_s` recomputes it
+rather than keeping it. Under ``torch.jit`` tracing and
 ``torch.compile``/``torch.export`` the same math runs as plain differentiable ops
 (:func:`_plain`): a custom ``autograd.Function`` would be opaque there (mmengine's
 FLOPs count would miss it).
@@ -57,11 +57,13 @@ def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 
 class _FusedPSA(torch.autograd.Function):
-    """Fused PSA for the paper variant (both modes) and official ``PSA_p``.
+    """Fused PSA: paper variant (both modes) and official ``PSA_p`` through
+    :func:`_forward`/:func:`_backward`, official ``PSA_s`` through
+    :func:`_forward_s`/:func:`_backward_s`.
 
     Inputs: ``x``, ``kind`` (``'paper'`` or ``'official'``), ``sequential`` (bool),
-    ``eps`` (paper LayerNorm) and the parameters in the order of
-    :func:`_params`. Returns ``(out, a_ch (B, C, 1, 1), a_sp (B, 1, H, W))``; the
+    ``eps`` (the paper LayerNorm's, or official ``conv_up``'s) and the parameters in
+    the order of :func:`_params`. Returns ``(out, a_ch (B, C, 1, 1), a_sp (B, 1, H, W))``; the
     two maps are non-differentiable outputs (observation only).
     """
 
@@ -69,7 +71,10 @@ class _FusedPSA(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str, sequential: bool, eps: float,
                 *params: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         with no_autocast(x):
-            out, a_ch, a_sp, saved = _forward(kind, sequential, eps, x, params)
+            if kind == 'official' and sequential:
+                out, a_ch, a_sp, saved = _forward_s(eps, x, params)
+            else:
+                out, a_ch, a_sp, saved = _forward(kind, sequential, eps, x, params)
         ctx.kind, ctx.sequential = kind, sequential
         ctx.meta = [(t.shape, t.dtype) for t in params]
         ctx.save_for_backward(x, *saved)
@@ -84,8 +89,11 @@ class _FusedPSA(torch.autograd.Function):
             return (None, ) * (4 + len(ctx.meta))
         x, *saved = ctx.saved_tensors
         with no_autocast(x):
-            grads = _backward(ctx.kind, ctx.sequential, ctx.needs_input_grad,
-                              ctx.meta, grad_out, x, saved)
+            if ctx.kind == 'official' and ctx.sequential:
+                grads = _backward_s(ctx.needs_input_grad, ctx.meta, grad_out, x, saved)
+            else:
+                grads = _backward(ctx.kind, ctx.sequential, ctx.needs_input_grad,
+                                  ctx.meta, grad_out, x, saved)
         return (grads[0], None, None, None, *grads[1:])
 
 
@@ -273,43 +281,15 @@ def _backward(kind, seq, needs, meta, grad_out, x, saved):
     return grads
 
 
-class _FusedPSAs(torch.autograd.Function):
-    """Fused official ``PSA_s`` (sequential).
-
-    Its spatial branch applies a per-channel softmax over pixels to
-    ``W_v(a_ch * X) = (W_v diag(a_ch)) X``, a (C/2, HW) tensor that does not fuse:
-    it is computed with ``a_ch`` folded into ``W_v`` (``a_ch * X`` is never
-    materialised) and recomputed in backward, so that only O(B (C + HW)) is kept.
-    The channel branch and the output are fused as in :class:`_FusedPSA`.
-    Inputs: ``x``, ``eps`` (of ``conv_up``'s LayerNorm) and the parameters in the
-    order of :func:`_params`.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, eps: float,
-                *params: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        with no_autocast(x):
-            out, a_ch, a_sp, saved = _forward_s(eps, x, params)
-        ctx.meta = [(t.shape, t.dtype) for t in params]
-        ctx.save_for_backward(x, *saved)
-        ctx.mark_non_differentiable(a_ch, a_sp)
-        ctx.set_materialize_grads(False)
-        return out, a_ch, a_sp
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, _grad_a_ch, _grad_a_sp):
-        if grad_out is None:
-            return (None, ) * (2 + len(ctx.meta))
-        x, *saved = ctx.saved_tensors
-        with no_autocast(x):
-            grads = _backward_s(ctx.needs_input_grad, ctx.meta, grad_out, x,
-                                saved)
-        return (grads[0], None, *grads[1:])
+# Official ``PSA_s`` (sequential). Its spatial branch applies a per-channel softmax over
+# pixels to ``W_v(a_ch * X) = (W_v diag(a_ch)) X``, a (C/2, HW) tensor that does not fuse:
+# it is computed with ``a_ch`` folded into ``W_v`` (``a_ch * X`` is never materialised) and
+# recomputed in backward, so that only O(B (C + HW)) is kept. The channel branch and the
+# output are fused as for the other variants.
 
 
 def _forward_s(eps: float, x: Tensor, params):
-    """Forward of :class:`_FusedPSAs`."""
+    """Forward of :class:`_FusedPSA` for official ``PSA_s``."""
     b, c, h, w = x.shape
     n, c2 = h * w, c // 2
     xd, acc = x.dtype, acc_dtype(x.dtype)
@@ -351,7 +331,7 @@ def _forward_s(eps: float, x: Tensor, params):
 
 
 def _backward_s(needs, meta, grad_out, x, saved):
-    """Backward of :class:`_FusedPSAs`."""
+    """Backward of :class:`_FusedPSA` for official ``PSA_s``."""
     b, c, h, w = x.shape
     n, c2 = h * w, c // 2
     xd, acc = x.dtype, acc_dtype(x.dtype)
@@ -415,7 +395,7 @@ def _backward_s(needs, meta, grad_out, x, saved):
 
     pg = (dwq, dwv, dw1, dz1.sum(0), dlnw, dlnb, dw2, dz.sum(0), dwsq, dwsv)
     grads = [dx]
-    for gr, (shape, dtype), need in zip(pg, meta, needs[2:]):
+    for gr, (shape, dtype), need in zip(pg, meta, needs[4:]):
         if not need:
             gr = None
         elif gr.shape != shape:
@@ -513,14 +493,12 @@ def fused_forward(block, x: Tensor) -> Tensor:
     if (torch.jit.is_tracing() or torch.compiler.is_compiling()
             or x.numel() == 0):
         return _plain(block, x)
-    if block.variant == 'official' and block.mode == 'sequential':
-        out, a_ch, a_sp = _FusedPSAs.apply(x, block.conv_up[1].eps,
-                                           *_params(block))
+    sequential = block.mode == 'sequential'
+    if block.variant == 'paper':
+        eps = block.ln.eps
     else:
-        eps = block.ln.eps if block.variant == 'paper' else 0.0
-        out, a_ch, a_sp = _FusedPSA.apply(x, block.variant,
-                                          block.mode == 'sequential', eps,
-                                          *_params(block))
+        eps = block.conv_up[1].eps if sequential else 0.0
+    out, a_ch, a_sp = _FusedPSA.apply(x, block.variant, sequential, eps, *_params(block))
     block.ch_attn(a_ch)
     block.sp_attn(a_sp)
     return out

@@ -294,9 +294,10 @@ def test_fused_function_gradcheck(variant, mode):
     x = torch.randn(2, 8, 3, 2, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *params):
-        if variant == 'official' and mode == 'sequential':
-            return psa_fused._FusedPSAs.apply(x, 1e-5, *params)[0]
-        eps = block.ln.eps if variant == 'paper' else 0.0
+        if variant == 'official':
+            eps = 1e-5 if mode == 'sequential' else 0.0
+        else:
+            eps = block.ln.eps
         return psa_fused._FusedPSA.apply(x, variant, mode == 'sequential',
                                          eps, *params)[0]
 
