@@ -9,7 +9,6 @@ a validation at the checkpoint included. The killed runs are subprocesses (one e
 together); the uninterrupted and the resumed runs run in this process, single-threaded like
 the subprocesses so that the floating point is the same.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -109,24 +108,7 @@ custom_hooks = [dict(type='PsaTestLossLog')]
 '''
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _cpu_without_yapf() -> Iterator[None]:
-    """Runs in this process: on the CPU, as the subprocesses (CUDA_VISIBLE_DEVICES=''), and
-    without mmengine's yapf formatting of config text (cosmetic)."""
-    import mmengine.config.config
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mmengine.config.config, 'FormatCode', lambda text, **kwargs: (text, False))
-        patch.setattr(torch.cuda, 'is_available', lambda: False)
-        yield
-
-
-def _tool(name: str):
-    """Import ``tools/<name>.py`` as a module."""
-    path = REPO / 'tools' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(f'psa_tools_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures('cpu_without_yapf')
 
 
 @contextmanager
@@ -184,12 +166,12 @@ def killed(tmp_path_factory) -> dict:
     sys.path.remove(str(root / 'plugin'))
 
 
-def _resume(root: Path, task: str) -> Dict[int, float]:
+def _resume(root: Path, task: str, load_tool) -> Dict[int, float]:
     """``tools/train.py CONFIG --resume`` in the killed run's work dir; its losses."""
     work_dir = root / f'{task}_killed'
     (work_dir / 'losses.jsonl').rename(work_dir / 'losses_before_kill.jsonl')
     with _one_thread():
-        _tool('train').main([str(root / f'{task}.py'), '--work-dir', str(work_dir),
+        load_tool('train').main([str(root / f'{task}.py'), '--work-dir', str(work_dir),
                              '--resume', '--cfg-options', f'experiment_name={task}-resumed',
                              f'visualizer.name={task}-resumed'])
     return _losses(work_dir / 'losses.jsonl')
@@ -215,9 +197,9 @@ def test_seg_save_killed_midway_leaves_the_previous_checkpoint(killed):
     assert sorted(_losses(work_dir / 'losses.jsonl')) == [0, 1, 2, 3, 4]  # died saving 6
 
 
-def test_seg_resume_after_sigkill_is_exact(killed):
+def test_seg_resume_after_sigkill_is_exact(killed, load_tool):
     full = _uninterrupted(killed, 'seg')
-    resumed = _resume(killed, 'seg')
+    resumed = _resume(killed, 'seg', load_tool)
     assert sorted(full) == list(range(6))
     assert sorted(resumed) == [3, 4, 5]  # from iter_3.pth, validated at iteration 3
     assert [resumed[i] for i in (3, 4, 5)] == [full[i] for i in (3, 4, 5)]
@@ -228,9 +210,9 @@ def test_seg_resume_after_sigkill_is_exact(killed):
     assert (work_dir / 'last_checkpoint').read_text() == str(work_dir / 'iter_6.pth')
 
 
-def test_pose_resume_at_epoch_boundary_is_exact(killed):
+def test_pose_resume_at_epoch_boundary_is_exact(killed, load_tool):
     full = _uninterrupted(killed, 'pose')
-    resumed = _resume(killed, 'pose')
+    resumed = _resume(killed, 'pose', load_tool)
     iters_per_epoch = len(full) // 2
     assert sorted(full) == list(range(2 * iters_per_epoch))
     second_epoch = list(range(iters_per_epoch, 2 * iters_per_epoch))
@@ -244,9 +226,9 @@ def _truncated_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_truncated_checkpoint_fails_with_an_error_naming_it(killed, tmp_path):
+def test_truncated_checkpoint_fails_with_an_error_naming_it(killed, tmp_path, load_tool):
     bad = _truncated_copy(killed / 'seg_killed' / 'iter_3.pth', tmp_path / 'iter_3.pth')
-    tool = _tool('train')
+    tool = load_tool('train')
     for argv in (['--resume', str(bad)], ['--cfg-options', f'load_from={bad}']):
         with pytest.raises(SystemExit) as exit_info:
             tool.main([str(killed / 'seg.py'), '--work-dir', str(tmp_path / 'w')] + argv)

@@ -4,7 +4,7 @@ The expensive one: ``tools/dist_train.sh CONFIG 2`` starts two processes with to
 this CPU and trains the tiny PSA HRNet + FCN (its norm set to SyncBN, as the GPU configs
 have it) with DDP for two iterations; then ``tools/test.py`` evaluates the checkpoint.
 """
-import importlib.util
+import importlib
 import os
 import socket
 import subprocess
@@ -88,24 +88,7 @@ custom_hooks = [dict(type='PsaTestDDPProbe')]
 '''
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _cpu_without_yapf() -> Iterator[None]:
-    """Runs in this process: on the CPU, as the subprocesses (CUDA_VISIBLE_DEVICES=''), and
-    without mmengine's yapf formatting of config text (cosmetic)."""
-    import mmengine.config.config
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mmengine.config.config, 'FormatCode', lambda text, **kwargs: (text, False))
-        patch.setattr(torch.cuda, 'is_available', lambda: False)
-        yield
-
-
-def _tool(name: str):
-    """Import ``tools/<name>.py`` as a module."""
-    path = REPO / 'tools' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(f'psa_tools_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures('cpu_without_yapf')
 
 
 def _free_port() -> int:
@@ -130,7 +113,7 @@ def seg_cfg(tmp_path_factory) -> Iterator[Path]:
     sys.path.remove(str(root / 'plugin'))
 
 
-def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path):
+def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path, load_tool):
     work_dir = tmp_path / 'ddp'
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PORT=str(_free_port()),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ['PATH']]),
@@ -163,7 +146,7 @@ def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _tool('test').main([
+        load_tool('test').main([
             str(seg_cfg), str(work_dir / 'iter_2.pth'), '--work-dir', str(tmp_path / 'test'),
             '--out', str(tmp_path / 'pred'), '--cfg-options', 'experiment_name=tools-test',
             'visualizer.name=tools-test'])
@@ -174,8 +157,8 @@ def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path):
     assert len(logs) == 1 and 'mIoU' in logs[0].read_text()
 
 
-def test_resume_takes_mmposes_form(tmp_path):
-    parse = _tool('train').parse_args
+def test_resume_takes_mmposes_form(tmp_path, load_tool):
+    parse = load_tool('train').parse_args
     assert parse(['c.py']).resume is None
     assert parse(['c.py', '--resume']).resume == 'auto'
     assert parse(['c.py', '--resume', 'x.pth']).resume == 'x.pth'
@@ -192,11 +175,11 @@ def test_resume_takes_mmposes_form(tmp_path):
     assert cfg.resume is False and cfg.load_from is None
 
 
-def test_amp_on_cpu_is_a_clear_error(seg_cfg, monkeypatch):
+def test_amp_on_cpu_is_a_clear_error(seg_cfg, monkeypatch, load_tool):
     import mmengine.device
     monkeypatch.setattr(mmengine.device, 'get_device', lambda: 'cpu')  # as on this machine
     with pytest.raises(SystemExit) as exit_info:
-        _tool('train').main([str(seg_cfg), '--amp'])
+        load_tool('train').main([str(seg_cfg), '--amp'])
     assert 'needs a GPU' in str(exit_info.value.code)
     assert 'AmpOptimWrapper' in str(exit_info.value.code)
 
