@@ -3,53 +3,15 @@
 # trains to a clearly non-trivial mIoU in seconds on a CPU. Plain BN, no pretrained weights,
 # no workers. Not a benchmark config: it exists for tests, smoke runs and the stock baseline
 # of psa-p_fcn_hr-tiny.
-_base_ = ['mmseg::hrnet/fcn_hr18s_4xb2-40k_cityscapes-512x1024.py']
+# Model: mmseg's HRNet-W18 FCN model base, narrowed; data and schedule: the shared tiny base.
+_base_ = [
+    'mmseg::_base_/models/fcn_hr18.py',
+    '../../_base_/tiny-cityscapes_1xb4-100iter-64x128.py'
+]
 
-crop_size = (64, 128)
 norm_cfg = dict(type='BN', requires_grad=True)  # SyncBN refuses CPU tensors
-data_root = 'data/tiny_cityscapes/'
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations'),
-    dict(type='RandomResize', scale=(256, 128), ratio_range=(0.75, 1.5), keep_ratio=True),
-    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs')
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(256, 128), keep_ratio=True),
-    dict(type='LoadAnnotations'),
-    dict(type='PackSegInputs')
-]
-train_dataloader = dict(
-    batch_size=4,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=test_pipeline))
-test_dataloader = val_dataloader
-
-max_iters = 100
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-2, weight_decay=1e-4))
-param_scheduler = [
-    dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)
-]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
-default_hooks = dict(
-    logger=dict(interval=10),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters))
-randomness = dict(seed=0)
-
 model = dict(
-    data_preprocessor=dict(size=crop_size),
+    data_preprocessor=dict(size=(64, 128)),
     pretrained=None,
     backbone=dict(
         norm_cfg=norm_cfg,
