@@ -14,7 +14,7 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 stamp="$VENV/.mmpsa-setup"
-want=$( (cat requirements/*.txt setup.py tools/setup_env.sh tools/build_mmcv.py; echo "$TORCH_SPEC") | sha256sum | cut -c1-16)
+want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/setup_env.sh tools/build_mmcv.py; echo "$TORCH_SPEC") | sha256sum | cut -c1-16)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -298,8 +298,8 @@ def test_fused_function_gradcheck(variant, mode):
             eps = 1e-5 if mode == 'sequential' else 0.0
         else:
             eps = block.ln.eps
-        return psa_fused._FusedPSA.apply(x, variant, mode == 'sequential',
-                                         eps, *params)[0]
+        return psa_fused.fused_function(x, variant, mode == 'sequential',
+                                        eps, params)[0]
 
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
 
