@@ -2,7 +2,7 @@
 # Create or update the project virtualenv with the pinned OpenMMLab stack.
 #
 # Idempotent: a stamp in the venv records a hash of everything that decides the
-# install (requirements/, setup.py, this script, tools/build_mmcv.py); when it
+# install (requirements/, setup.py, mmpsa/csrc/, this script, tools/build_mmcv.py); when it
 # matches, this returns at once. mmcv's compiled wheel is reused from
 # ${MMPSA_CACHE_DIR:-~/.cache/mmpsa}/wheels (built there once, ~10 min on 2 cores).
 #
@@ -38,13 +38,14 @@ step "OpenMMLab stack (mmengine, mmcv, mmseg, mmdet, mmpose deps, mim, pytest)"
 pip_q "$wheel" -r requirements/env.txt
 step "mmpose 1.3.2 without its unbuildable chumpy requirement"
 pip_q --no-deps mmpose==1.3.2
-step "mmpsa (editable)"
+step "mmpsa (editable; compiles mmpsa._ext, the fused block, ~1 min)"
 pip_q --no-deps --no-build-isolation -e .
 step "checking the stack imports"
 "$VENV/bin/python" - <<'PY'
 import mmcv, mmcv.ops, mmengine, mmseg, mmpose, mmdet, torch, numpy
 import mmseg.models, mmpose.models  # these import mmcv.ops / mmdet at import time
 import mmpsa
+import mmpsa._ext  # the compiled fused block: a failed build must fail the set-up
 print(f'torch {torch.__version__}, numpy {numpy.__version__}, mmengine {mmengine.__version__}, '
       f'mmcv {mmcv.__version__} (ops), mmseg {mmseg.__version__}, mmpose {mmpose.__version__}, '
       f'mmdet {mmdet.__version__}, mmpsa {mmpsa.__version__}')

@@ -304,6 +304,39 @@ def test_fused_function_gradcheck(variant, mode):
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
 
 
+def test_compiled_extension_is_built_and_used():
+    # CI builds mmpsa._ext; a silent fall back to plain ops would hide a broken build
+    assert psa_fused._EXT is not None
+    block = make('paper', 'parallel')
+    out = block(torch.randn(1, C, 3, 4, requires_grad=True))
+    assert out.grad_fn.name() == 'torch::autograd::CppNode<mmpsa::FusedPSA>'
+
+
+def test_without_extension_runs_plain_ops(monkeypatch):
+    monkeypatch.setattr(psa_fused, '_EXT', None)
+    for variant, mode in ALL:
+        check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11)
+    with pytest.raises(RuntimeError, match='not built'):
+        psa_fused.fused_function(torch.randn(1, 8, 2, 2), 'paper', False, 1e-5,
+                                 [])
+
+
+def test_stale_extension_is_refused(monkeypatch):
+    from mmpsa import _ext
+
+    class Stale:
+        SOURCE_HASH = '0' * 16
+        fused_psa = _ext.fused_psa
+
+    import sys
+    monkeypatch.setitem(sys.modules, 'mmpsa._ext', Stale)
+    with pytest.warns(UserWarning, match='another version'):
+        assert psa_fused._load_extension() is None
+    monkeypatch.setitem(sys.modules, 'mmpsa._ext', None)  # import fails
+    with pytest.warns(UserWarning, match='not built'):
+        assert psa_fused._load_extension() is None
+
+
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_plain_fused_path_matches_literal(variant, mode, monkeypatch):
     # the path taken under torch.compile / torch.export
