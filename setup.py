@@ -37,7 +37,7 @@ def ext_build_args() -> dict:
     digest = hashlib.sha256((HERE / EXT_SOURCE).read_bytes()).hexdigest()[:16]
     ext = CppExtension(
         'mmpsa._ext', [EXT_SOURCE],
-        extra_compile_args={'cxx': ['-O3', f'-DMMPSA_SOURCE_HASH="{digest}"']})
+        extra_compile_args={'cxx': ['-O3', '-fopenmp-simd', f'-DMMPSA_SOURCE_HASH="{digest}"']})
     return dict(ext_modules=[ext],
                 cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)})
 

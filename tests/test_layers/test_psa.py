@@ -268,19 +268,75 @@ def test_literal_official_is_the_released_ops(mode):
 
 
 # --------------------------------------------------- fused vs literal
+class ATenOnly:
+    """mmpsa._ext with its per-sample CPU kernel off: the device-generic ATen path."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def fused_psa(self, x, paper, sequential, eps, params):
+        return self.ext.fused_psa(x, paper, sequential, eps, params,
+                                  cpu_kernel=False)
+
+
+@pytest.fixture(params=['cpu_kernel', 'aten'])
+def fused_path(request, monkeypatch):
+    """Run a test through both compiled paths (CPU kernel where it applies)."""
+    if request.param == 'aten':
+        monkeypatch.setattr(psa_fused, '_EXT', ATenOnly(psa_fused._EXT))
+    return request.param
+
+
 @pytest.mark.parametrize('variant,mode', ALL)
-def test_fused_matches_literal_fp32(variant, mode):
+def test_fused_matches_literal_fp32(variant, mode, fused_path):
     check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5)
     check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5,
                            shape=(1, C, 7, 5))
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
-def test_fused_matches_literal_fp64(variant, mode):
+def test_fused_matches_literal_fp64(variant, mode, fused_path):
     check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11,
                            perturb=0.3)
     check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11,
                            shape=(1, C, 3, 1), perturb=0.3)
+
+
+@pytest.mark.parametrize('variant,mode', ALL)
+def test_fused_half_inputs(variant, mode, fused_path):
+    # bf16 / fp16 activations and parameters: maths in fp32, output in the input dtype
+    block = make(variant, mode)
+    x = torch.randn(2, C, 6, 5)
+    ref = block(x).detach()
+    for dtype in (torch.bfloat16, torch.float16):
+        half = copy.deepcopy(block).to(dtype)
+        xh = x.to(dtype).requires_grad_()
+        out = half(xh)
+        assert out.dtype == dtype
+        assert max_rel_err(out.float(), ref) <= 0.05
+        out.float().square().sum().backward()
+        assert xh.grad.dtype == dtype and torch.isfinite(xh.grad.float()).all()
+        assert all(torch.isfinite(p.grad.float()).all() for p in half.parameters())
+
+
+def test_cpu_kernel_is_taken_where_it_applies():
+    ext = psa_fused._EXT
+    block = make('paper', 'parallel')
+    params = psa_fused._params(block)
+    x = torch.randn(2, C, 6, 5)
+    with torch.no_grad():
+        a = ext.fused_psa(x, True, False, 1e-5, params)[1]
+        b = ext.fused_psa(x, True, False, 1e-5, params, cpu_kernel=False)[1]
+    # the CPU kernel keeps its saved vectors (the maps among them) in one buffer;
+    # the ATen path's maps are tensors of their own
+    assert a.untyped_storage().nbytes() > a.nbytes
+    assert b.untyped_storage().nbytes() == b.nbytes
+    assert max_rel_err(a, b) <= 1e-6
+    # channels_last is not what the kernel reads: the ATen path takes it
+    xl = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        c = ext.fused_psa(xl, True, False, 1e-5, params)[1]
+    assert c.untyped_storage().nbytes() == c.nbytes
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
