@@ -23,9 +23,13 @@ pixels to ``W_v(Y)``, which does not fuse: it is computed with ``a_ch`` folded i
 Where it runs:
 
 * The autograd Function with the hand-written backward is C++
-  (``mmpsa/csrc/psa_fused.cpp``, built into ``mmpsa._ext`` by ``pip install``): at
-  the HRNet shapes a step is ~100 small ATen ops, and the Python glue around them
-  cost about a third of the step. It calls ATen ops only (any device, any dtype).
+  (``mmpsa/csrc/psa_fused.cpp``, built into ``mmpsa._ext`` by ``pip install``). For
+  the paper variant and official PSA_p on small contiguous CPU inputs (every HRNet
+  shape) it evaluates each sample in plain loops, one sample per thread, with the
+  passes over X fused; elsewhere (other devices, large inputs, PSA_s) it calls ATen
+  ops only, so it runs on any device and dtype. At the HRNet shapes a step in ATen
+  ops is ~50 ops of a few microseconds each on tiny tensors; the Python version of
+  the same ops was slower still (its per-op glue was a third of the step).
 * :func:`_plain` is the same maths as plain differentiable ops. It runs under
   ``torch.jit`` tracing and ``torch.compile``/``torch.export`` (a custom Function would
   be opaque there; mmengine's FLOPs count would miss it), and, with a warning, when
