@@ -37,7 +37,10 @@ def ext_build_args() -> dict:
     digest = hashlib.sha256((HERE / EXT_SOURCE).read_bytes()).hexdigest()[:16]
     ext = CppExtension(
         'mmpsa._ext', [EXT_SOURCE],
-        extra_compile_args={'cxx': ['-O3', '-fopenmp-simd', f'-DMMPSA_SOURCE_HASH="{digest}"']})
+        # -fopenmp: at::parallel_for is header code, serial without it; the library
+        # resolves to the libgomp.so.1 torch has already loaded (one OpenMP runtime)
+        extra_compile_args={'cxx': ['-O3', '-fopenmp', f'-DMMPSA_SOURCE_HASH="{digest}"']},
+        extra_link_args=['-fopenmp'])
     return dict(ext_modules=[ext],
                 cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)})
 

@@ -609,13 +609,16 @@ void backward_sample(const Block<T>& k, const S* x, const S* go, S* dx, const T*
 
 }  // namespace cpu
 
-// Whether forward_pp_cpu/backward_pp_cpu take an input: CPU, contiguous, and at most
-// 2^18 elements per sample (every HRNet-W32/W48 shape at 256x192). Measured here: at
-// the HRNet shapes the kernel takes 0.5-0.7x the time of forward_pp/backward_pp; at
-// C=512@64x128 (4M elements per sample) 1.3x, where the passes over X are
-// memory-bound and ATen's SIMD kernels stream faster than these loops.
+// Whether forward_pp_cpu/backward_pp_cpu take an input: contiguous on the CPU, and a
+// batch that fills the threads (one sample per thread) or at most 2^18 elements per
+// sample (every HRNet-W32/W48 shape at 256x192). Measured here (2 threads, fwd+bwd):
+// batch 2, the kernel takes 0.5-0.85x the time of forward_pp/backward_pp at every
+// shape tried, from C=256@8x6 to C=512@64x128; batch 1 at C=512@64x128, 1.3x (one
+// thread against ATen's two).
 bool use_cpu_kernel(const Tensor& x) {
-  return x.is_cpu() && x.is_contiguous() && x.size(0) > 0 && x.numel() / x.size(0) <= (1 << 18);
+  const int64_t b = x.size(0);
+  return x.is_cpu() && x.is_contiguous() && b > 0 &&
+         (b >= at::get_num_threads() || x.numel() / b <= (1 << 18));
 }
 
 // One buffer for the per-sample vectors that forward_pp saves as separate tensors:
