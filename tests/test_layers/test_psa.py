@@ -339,6 +339,23 @@ def test_cpu_kernel_is_taken_where_it_applies():
     assert c.untyped_storage().nbytes() == c.nbytes
 
 
+def test_cpu_kernel_size_rule():
+    # one large image on two threads goes to ATen's multithreaded ops; a batch that
+    # fills the threads, or at most 2^18 elements per sample, to the kernel
+    ext = psa_fused._EXT
+    params = psa_fused._params(make('paper', 'parallel', c=8))
+    torch.set_num_threads(2)
+
+    def kernel_taken(shape):
+        with torch.no_grad():
+            a_ch = ext.fused_psa(torch.randn(*shape), True, False, 1e-5, params)[1]
+        return a_ch.untyped_storage().nbytes() > a_ch.nbytes
+
+    assert kernel_taken((1, 8, 512, 64))  # 2^18 elements
+    assert not kernel_taken((1, 8, 512, 66))
+    assert kernel_taken((2, 8, 512, 66))
+
+
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_fused_function_gradcheck(variant, mode):
     block = make(variant, mode, c=8, dtype=torch.float64)
