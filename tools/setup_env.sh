@@ -29,8 +29,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 step "torch + build tools ($TORCH_SPEC)"
+# pip >= 24.1: older pips install -e through `setup.py develop`, which (setuptools >= 80)
+# re-enters pip with build isolation, where torch is missing and mmpsa._ext is not built
 # shellcheck disable=SC2086
-pip_q $TORCH_SPEC 'numpy==1.26.4' ninja wheel 'setuptools>=77,<81'
+pip_q 'pip>=24.1' $TORCH_SPEC 'numpy==1.26.4' ninja wheel 'setuptools>=77,<81'
 step "mmcv 2.1.0 with compiled ops (cached wheel, or a ~10 min build)"
 "$VENV/bin/python" tools/build_mmcv.py
 wheel=$("$VENV/bin/python" tools/build_mmcv.py --print-path)
