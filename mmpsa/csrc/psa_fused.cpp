@@ -10,17 +10,19 @@
 //
 // Why C++: at the HRNet shapes a step is ~100 small ATen ops, and the Python glue of
 // a torch.autograd.Function (argument parsing per op, the Function's own overhead) was
-// about a third of it. Only ATen ops are called, so the same code runs on every device
-// and dtype ATen supports. The Python side (psa_fused.py) keeps the same maths as
+// about a third of it. Two evaluations sit behind the one Function (FusedPSA below):
+// forward_pp/backward_pp and forward_s/backward_s call ATen ops only, so they run on
+// every device and dtype ATen supports; for small or batched contiguous CPU input the
+// paper variant and official PSA_p take a per-sample loop kernel instead (namespace
+// cpu; see there for why). The Python side (psa_fused.py) keeps the same maths as
 // plain differentiable ops for torch.jit tracing and torch.compile/export, and as the
 // fallback when this extension is not built.
+#include <ATen/OpMathType.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/extension.h>
-#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cmath>
-
 #include <string>
 #include <tuple>
 #include <vector>
