@@ -271,9 +271,9 @@ variable_list backward_pp(AutogradContext* ctx, const variable_list& sv, bool pa
 // the per-sample vector maths costs no dispatch, the passes over X are fused (4 in
 // forward, 4-5 in backward), the saved vectors share one buffer, and the weight
 // gradients are summed over the batch in loops. Only the softmax/sigmoid over pixels
-// call ATen (its SIMD exp). Taken for small contiguous CPU inputs (use_cpu_kernel);
-// forward_pp/backward_pp serve larger inputs and every other device and layout. The
-// tests run both against the literal form.
+// call ATen (its SIMD exp). Taken for contiguous CPU inputs that fill the threads or are
+// small (use_cpu_kernel); forward_pp/backward_pp serve every other input, device and
+// layout. The tests run both against the literal form.
 // ---------------------------------------------------------------------------------
 namespace cpu {
 

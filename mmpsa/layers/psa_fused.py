@@ -40,7 +40,7 @@ import hashlib
 import importlib
 import os.path as osp
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -196,8 +196,8 @@ _EXT = _load_extension()
 
 
 def fused_function(x: Tensor, variant: str, sequential: bool, eps: float,
-                   params) -> Tuple[Tensor, Tensor, Tensor]:
-    """The compiled autograd Function: ``(out, a_ch, a_sp)``.
+                   params) -> List[Tensor]:
+    """The compiled autograd Function: ``[out, a_ch, a_sp]``.
 
     Args:
         x (Tensor): Input ``(B, C, H, W)``.
@@ -207,13 +207,12 @@ def fused_function(x: Tensor, variant: str, sequential: bool, eps: float,
         params (sequence[Tensor]): In the order of :func:`_params`.
 
     Returns:
-        tuple[Tensor]: The output and the maps ``a_ch`` ``(B, C, 1, 1)`` and ``a_sp``
+        list[Tensor]: The output and the maps ``a_ch`` ``(B, C, 1, 1)`` and ``a_sp``
         ``(B, 1, H, W)`` (non-differentiable: observation only).
     """
     if _EXT is None:
         raise RuntimeError('mmpsa._ext is not built; see the warning above')
-    return tuple(_EXT.fused_psa(x, variant == 'paper', sequential, eps,
-                                list(params)))
+    return _EXT.fused_psa(x, variant == 'paper', sequential, eps, params)
 
 
 def fused_forward(block, x: Tensor) -> Tensor:
@@ -226,8 +225,8 @@ def fused_forward(block, x: Tensor) -> Tensor:
         eps = block.ln.eps
     else:
         eps = block.conv_up[1].eps if sequential else 0.0
-    out, a_ch, a_sp = _EXT.fused_psa(x, block.variant == 'paper', sequential,
-                                     eps, _params(block))
+    out, a_ch, a_sp = fused_function(x, block.variant, sequential, eps,
+                                     _params(block))
     block.ch_attn(a_ch)
     block.sp_attn(a_sp)
     return out

@@ -1,6 +1,7 @@
 """Tests of the PolarizedSelfAttention block (mmpsa/layers/psa.py, psa_fused.py)."""
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -401,7 +402,6 @@ def test_stale_extension_is_refused(monkeypatch):
         SOURCE_HASH = '0' * 16
         fused_psa = _ext.fused_psa
 
-    import sys
     monkeypatch.setitem(sys.modules, 'mmpsa._ext', Stale)
     with pytest.warns(UserWarning, match='another version'):
         assert psa_fused._load_extension() is None
