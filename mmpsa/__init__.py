@@ -1,13 +1,13 @@
 """mmpsa: Polarized Self-Attention (arXiv 2107.00782) for MMSegmentation and MMPose.
 
 Importing the package registers everything (``custom_imports=dict(imports=['mmpsa'])``):
-the block and the checkpoint allow-list always; the mmseg part only when mmseg is
+the block, ``PSANeck`` and the checkpoint allow-list always; the mmseg part only when mmseg is
 installed and the mmpose part only when mmpose is. ``find_spec`` decides, not a
 try/except, so a broken install (e.g. an mmcv built for another torch) still fails loudly.
 """
 import importlib.util
 
-from . import checkpoint, engine, layers  # noqa: F401  (registers)
+from . import checkpoint, engine, layers, necks  # noqa: F401  (registers)
 
 __version__ = '0.1.0'
 

@@ -29,10 +29,10 @@ import torch
 from mmengine.model import initialize
 from torch import nn
 
-from .layers import PolarizedSelfAttention
+from .layers import PSA_DEFAULTS, PolarizedSelfAttention, check_psa_cfg
 
-#: The keys ``psa=dict(...)`` accepts.
-PSA_KEYS = ('mode', 'variant', 'stages', 'fused')
+#: The keys a backbone's ``psa=dict(...)`` accepts: the block's arguments and ``stages``.
+PSA_KEYS = (*PSA_DEFAULTS, 'stages')
 
 
 def _next_conv_name(module: nn.Module) -> Optional[str]:
@@ -107,24 +107,21 @@ def backbone_out_channels(backbone: nn.Module) -> Optional[List[int]]:
     return None
 
 
-def parse_psa_cfg(psa: Any, num_stages: int) -> Dict[str, Any]:
+def parse_psa_cfg(psa: Any, num_stages: int, owner: str = 'backbone') -> Dict[str, Any]:
     """Check a backbone's ``psa`` argument and fill in its defaults.
 
     Args:
         psa: ``dict(mode='parallel', variant='paper', stages=None, fused=True)``; any
-            subset of these keys.
+            subset of these keys (the block's keys and defaults:
+            :func:`~mmpsa.layers.check_psa_cfg`).
         num_stages: Stages of the backbone (``stages`` holds one bool per stage).
+        owner: The backbone's class name, for messages.
 
     Returns:
         The full config with ``stages`` as a tuple of bools.
     """
-    if not isinstance(psa, Mapping):
-        raise ValueError(f'psa must be a dict or None, got {psa!r}')
-    unknown = [key for key in psa if key not in PSA_KEYS]
-    if unknown:
-        raise ValueError(f'psa: unknown key {unknown[0]!r} (allowed: '
-                         f'{", ".join(PSA_KEYS)}), got {dict(psa)!r}')
-    stages = psa.get('stages')
+    cfg = check_psa_cfg(psa, owner, extra_keys=('stages', ))
+    stages = cfg.get('stages')
     if stages is None:
         stages = (True, ) * num_stages
     if not isinstance(stages, (tuple, list)):
@@ -140,11 +137,7 @@ def parse_psa_cfg(psa: Any, num_stages: int) -> Dict[str, Any]:
     if not any(stages):
         raise ValueError(f'psa.stages selects no stage (use psa=None for the stock '
                          f'backbone), got {stages!r}')
-    return dict(
-        mode=psa.get('mode', 'parallel'),
-        variant=psa.get('variant', 'paper'),
-        stages=tuple(stages),
-        fused=psa.get('fused', True))
+    return {**cfg, 'stages': tuple(stages)}
 
 
 def _feed_psa(psa: nn.Module, conv: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
@@ -169,10 +162,11 @@ def insert_psa(backbone: nn.Module, psa: Mapping[str, Any]) -> List[str]:
         The qualified names of the inserted ``psa`` modules.
     """
     stages = residual_stages(backbone)
-    cfg = parse_psa_cfg(psa, len(stages))
+    cfg = parse_psa_cfg(psa, len(stages), type(backbone).__name__)
     if not any(stages):
         raise ValueError(f'psa: {type(backbone).__name__} has no residual blocks '
                          f'(no module with conv2) in its stages, got {type(backbone)!r}')
+    block_cfg = {key: value for key, value in cfg.items() if key != 'stages'}
     inserted = []
     for selected, blocks in zip(cfg['stages'], stages):
         if not selected:
@@ -182,9 +176,7 @@ def insert_psa(backbone: nn.Module, psa: Mapping[str, Any]) -> List[str]:
                 raise ValueError(f'psa: block {type(block).__name__} already has a '
                                  f'`psa` attribute, got {block.psa!r}')
             conv = getattr(block, _next_conv_name(block))
-            layer = PolarizedSelfAttention(
-                conv.in_channels, mode=cfg['mode'], variant=cfg['variant'],
-                fused=cfg['fused'])
+            layer = PolarizedSelfAttention(conv.in_channels, **block_cfg)
             weight = next(conv.parameters(), None)
             if weight is not None:
                 layer.to(device=weight.device, dtype=weight.dtype)

@@ -179,7 +179,7 @@ def test_stages_select():
 
 
 @pytest.mark.parametrize('psa, match', [
-    (dict(kind='paper'), "unknown key 'kind'"),
+    (dict(kind='paper'), r"ToyResNet: unknown psa key 'kind' \(allowed: .*, stages\)"),
     (dict(stages=(True, )), r'one bool per stage \(2\), got \(True,\)'),
     (dict(stages=(True, True, True)), r'psa.stages must hold one bool per stage \(2\)'),
     (dict(stages=(1, 0)), 'psa.stages entries must be bool, got 1'),
@@ -187,7 +187,7 @@ def test_stages_select():
     (dict(stages=(False, False)), 'psa.stages selects no stage'),
     (dict(mode='serial'), "mode must be one of .*got 'serial'"),
     (dict(variant='released'), "variant must be one of .*got 'released'"),
-    ('parallel', "psa must be a dict or None, got 'parallel'"),
+    ('parallel', "ToyResNet: psa must be a dict or None, got 'parallel'"),
 ])
 def test_bad_config(psa, match):
     net = ToyResNet()

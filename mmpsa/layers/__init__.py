@@ -1,4 +1,4 @@
 """Layers that import neither mmseg nor mmpose."""
-from .psa import PolarizedSelfAttention
+from .psa import PSA_DEFAULTS, PolarizedSelfAttention, check_psa_cfg
 
-__all__ = ['PolarizedSelfAttention']
+__all__ = ['PSA_DEFAULTS', 'PolarizedSelfAttention', 'check_psa_cfg']

@@ -28,9 +28,9 @@ from mmseg.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from ..layers import PolarizedSelfAttention
 from ..insertion import backbone_out_channels
-from .necks import PSANeck, build_psa, check_channel_list
+from ..layers import PolarizedSelfAttention, check_psa_cfg
+from ..necks import PSANeck, check_channel_list
 
 
 def build_head_psa(owner: str, psa: Optional[dict],
@@ -42,7 +42,9 @@ def build_head_psa(owner: str, psa: Optional[dict],
         psa: ``None`` or a dict with some of ``mode``, ``variant``, ``fused``.
         channels: Channels of the features the block acts on.
     """
-    return None if psa is None else build_psa(owner, psa, channels)
+    if psa is None:
+        return None
+    return PolarizedSelfAttention(channels, **check_psa_cfg(psa, owner))
 
 
 def _level_channels(owner: str, kwargs: dict) -> List[int]:

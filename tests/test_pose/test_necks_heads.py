@@ -1,4 +1,5 @@
-"""PSANeck and PSAHeatmapHead in mmpose's scope."""
+"""PSAHeatmapHead, and the build-time checks of PSANeck and the head, in mmpose's scope;
+PSANeck itself: tests/test_necks.py."""
 import copy
 
 import pytest
@@ -32,48 +33,6 @@ HEADS = {
 def _feats(in_channels, hw=(6, 4), batch=2):
     torch.manual_seed(1)
     return (torch.randn(batch, in_channels, *hw), )
-
-
-# ------------------------------------------------------------------------------- neck
-@pytest.mark.parametrize('psa', PSA_ARGS, ids=PSA_IDS)
-def test_neck_keeps_shapes_one_block_per_level(psa):
-    neck = MODELS.build(dict(type='PSANeck', in_channels=[8, 16, 32], psa=psa))
-    assert isinstance(neck, PSANeck)
-    neck.init_weights()
-    torch.manual_seed(0)
-    feats = tuple(torch.randn(2, c, 16 // 2**i, 12 // 2**i)
-                  for i, c in enumerate((8, 16, 32)))
-    outs = neck(feats)
-    assert isinstance(outs, tuple) and len(outs) == 3
-    for block, x, y in zip(neck.psa, feats, outs):
-        assert isinstance(block, PolarizedSelfAttention)
-        assert (block.mode, block.variant) == (psa['mode'], psa['variant'])
-        assert y.shape == x.shape
-        torch.testing.assert_close(y, block(x))  # level i goes through block i
-    first = 'ch_wv.weight' if psa['variant'] == 'paper' else 'conv_v_right.weight'
-    assert {f'psa.{i}.{first}' for i in range(3)} <= set(neck.state_dict())
-
-
-def test_neck_single_tensor_and_default_psa():
-    neck = PSANeck(in_channels=16)
-    assert (neck.psa[0].mode, neck.psa[0].variant) == ('parallel', 'paper')
-    x = torch.randn(1, 16, 8, 6)
-    assert neck(x).shape == x.shape
-
-
-def test_neck_bad_config():
-    with pytest.raises(ValueError, match="unknown psa keys \\['stages'\\]"):
-        PSANeck(in_channels=[8], psa=dict(mode='parallel', stages=(True, )))
-    for bad in (0, [], [8, 0], 'eight', [8.0]):
-        with pytest.raises(ValueError, match='in_channels'):
-            PSANeck(in_channels=bad)
-    with pytest.raises(ValueError, match='mode'):
-        PSANeck(in_channels=[8], psa=dict(mode='diagonal'))
-    neck = PSANeck(in_channels=[8, 16])
-    with pytest.raises(ValueError, match='in_channels lists 2 levels'):
-        neck((torch.randn(1, 8, 4, 4), ))
-    with pytest.raises(ValueError, match='in_channels=\\[8, 16\\]'):
-        neck((torch.randn(1, 8, 4, 4), torch.randn(1, 12, 2, 2)))
 
 
 # ------------------------------------------------------------------------------- head
@@ -144,7 +103,7 @@ def test_head_trains_the_block():
 
 
 def test_head_bad_config():
-    with pytest.raises(ValueError, match="unknown psa keys \\['foo'\\]"):
+    with pytest.raises(ValueError, match="PSAHeatmapHead: unknown psa key 'foo'"):
         PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
                        psa=dict(mode='parallel', foo=1))
     with pytest.raises(ValueError, match='psa must be a dict'):
@@ -171,7 +130,7 @@ def test_head_survives_deepcopy():
 # ---- cross-module mismatches fail when the pose estimator is built (not at the first forward)
 
 def _tiny_estimator_cfg() -> dict:
-    from mmpsa.apis.tiny import TINY_POSE, tiny_config
+    from mmpsa.utils.tiny import TINY_POSE, tiny_config
     return copy.deepcopy(tiny_config(TINY_POSE, '/nonexistent').model.to_dict())
 
 
@@ -189,7 +148,7 @@ def test_neck_level_count_mismatch_fails_at_build_naming_it():
     from mmpose.registry import MODELS as POSE_MODELS
     cfg = _tiny_estimator_cfg()
     cfg['neck'] = dict(type='PSANeck', in_channels=[16, 32])
-    with pytest.raises(ValueError, match=r'PSANeck: in_channels lists 2 levels'):
+    with pytest.raises(ValueError, match=r'PSANeck: in_channels has 2 levels but the backbone'):
         POSE_MODELS.build(cfg)
     cfg['neck'] = dict(type='PSANeck', in_channels=[16])
     cfg['head'].update(type='PSAHeatmapHead', in_channels=8)
