@@ -1,8 +1,8 @@
-"""Fixtures shared by the tool and engine tests."""
+"""Fixtures shared by the tool, engine and backbone tests."""
 import importlib.util
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, List
 
 import pytest
 import torch
@@ -33,3 +33,40 @@ def cpu_without_yapf() -> Iterator[None]:
         patch.setattr(mmengine.config.config, 'FormatCode', lambda text, **kwargs: (text, False))
         patch.setattr(torch.cuda, 'is_available', lambda: False)
         yield
+
+
+def _psa_block_params(channels: int, mode: str = 'parallel', variant: str = 'paper') -> int:
+    """Parameters of one PSA block on ``channels`` = C channels, from mmpsa/layers/psa.py's
+    layer list (1x1 convs: C_in * C_out weights, + C_out if biased)."""
+    c, h = channels, channels // 2
+    if variant == 'paper':  # ch_wv, ch_wq, ch_wz, ln (weight, bias), sp_wv, sp_wq
+        return (c * h + h) + (c + 1) + (h * c + c) + 2 * c + (c * h + h) + (c * h + h)
+    # official, no biases: conv_q_right, conv_v_right, conv_q_left, conv_v_left ...
+    qv = c + c * h + c * h + c * h
+    if mode == 'parallel':  # ... and conv_up
+        return qv + h * c
+    e = h // 4  # ... and conv_up = conv (C/2 -> C/8), LayerNorm([C/8, 1, 1]), conv (C/8 -> C)
+    return qv + (h * e + e) + 2 * e + (e * c + c)
+
+
+@pytest.fixture(scope='session')
+def psa_block_params() -> Callable[..., int]:
+    """``psa_block_params(C, mode, variant)``: the parameter count of one PSA block."""
+    return _psa_block_params
+
+
+@pytest.fixture(scope='session')
+def psa_input_channels() -> Callable[[torch.nn.Module], List[int]]:
+    """``psa_input_channels(stock_backbone)``: the channels a PSA gets in each residual block
+    of a stock ResNet/HRNet (mmseg's or mmpose's): the input of the block's next conv."""
+
+    def channels(stock: torch.nn.Module) -> List[int]:
+        out = []
+        for module in stock.modules():
+            if type(module).__name__ == 'BasicBlock':
+                out.append(module.conv2.in_channels)
+            elif type(module).__name__ == 'Bottleneck':
+                out.append(module.conv3.in_channels)
+        return out
+
+    return channels

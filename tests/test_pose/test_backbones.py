@@ -6,9 +6,9 @@ import torch
 from mmpose.models.backbones import HRNet, ResNet, ResNetV1d
 from mmpose.registry import MODELS
 
-from mmpsa.apis.benchmark_backbone import HRNET_W48_EXTRA
 from mmpsa.layers import PolarizedSelfAttention
 from mmpsa.pose.backbones import PSAHRNet, PSAResNet, PSAResNetV1d
+from mmpsa.utils.benchmark_backbone import HRNET_W48_EXTRA
 
 #: A narrow HRNet: 2 Bottlenecks in stage 1, one BasicBlock per branch after (2+2+3+4).
 NARROW = dict(
@@ -42,14 +42,40 @@ def _x(h=64, w=64):  # mmpose's HRNet needs sides divisible by 32
     return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
 
 
-def test_hrnet_w48_paper_counts_and_params():
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_hrnet_w48_paper_counts_and_params(psa_block_params, psa_input_channels):
+    stock = HRNet(extra=HRNET_W48_EXTRA)
     model = PSAHRNet(extra=HRNET_W48_EXTRA, psa=dict(mode='parallel', variant='paper'))
     psas = _psas(model)
     assert len([n for n in psas if n.startswith('layer1.')]) == 4
     assert len([n for n in psas if n.startswith('stage')]) == 104
     assert 'stage2.0.branches.0.0.psa.ch_wv.weight' in model.state_dict()
-    params = sum(p.numel() for p in model.parameters())
-    assert abs(params - 70.1e6) <= 0.2e6, params
+    # the PSA inputs, from the architecture: stage 1's Bottlenecks (conv3 takes
+    # num_channels), then each BasicBlock of each module and branch of stages 2-4
+    stage1 = HRNET_W48_EXTRA['stage1']
+    channels = list(stage1['num_channels']) * stage1['num_blocks'][0]
+    for stage in ('stage2', 'stage3', 'stage4'):
+        spec = HRNET_W48_EXTRA[stage]
+        for blocks, c in zip(spec['num_blocks'], spec['num_channels']):
+            channels += [c] * (blocks * spec['num_modules'])
+    assert sorted(channels) == sorted(psa_input_channels(stock))
+    assert sum(psa_block_params(c, 'parallel', 'paper') for c in channels) == 6_455_148
+    assert _params(model) - _params(stock) == 6_455_148
+
+
+@pytest.mark.parametrize('mode, variant', [('parallel', 'paper'), ('sequential', 'paper'),
+                                           ('parallel', 'official'),
+                                           ('sequential', 'official')])
+@pytest.mark.parametrize('psa_cls, stock_cls, kwargs', CASES, ids=IDS)
+def test_params_increase_is_exactly_the_blocks(psa_cls, stock_cls, kwargs, mode, variant,
+                                               psa_block_params, psa_input_channels):
+    stock = stock_cls(**kwargs)
+    model = psa_cls(psa=dict(mode=mode, variant=variant), **kwargs)
+    expected = sum(psa_block_params(c, mode, variant) for c in psa_input_channels(stock))
+    assert _params(model) - _params(stock) == expected
 
 
 @pytest.mark.parametrize('depth, count', [(50, 16), (18, 8)])
@@ -186,7 +212,7 @@ def test_registry_builds_by_name():
 
 
 @pytest.mark.parametrize('psa, match', [
-    (dict(position='after_conv2'), "unknown key 'position'"),
+    (dict(position='after_conv2'), "unknown psa key 'position'"),
     (dict(stages=(True, ) * 5), r'one bool per stage \(4\)'),
     (dict(stages=(True, 'yes', True, True)), "entries must be bool, got 'yes'"),
     (dict(mode='parralel'), "mode must be one of .*got 'parralel'"),

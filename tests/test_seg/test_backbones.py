@@ -69,6 +69,33 @@ def test_hrnet_counts_keys_and_stages():
     assert not hasattr(model, 'psa')  # the root conv1/conv2 are not blocks
 
 
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('mode, variant', [('parallel', 'paper'), ('sequential', 'paper'),
+                                           ('parallel', 'official'),
+                                           ('sequential', 'official')])
+@pytest.mark.parametrize('psa_cls, stock_cls, kwargs', CASES, ids=IDS)
+def test_params_increase_is_exactly_the_blocks(psa_cls, stock_cls, kwargs, mode, variant,
+                                               psa_block_params, psa_input_channels):
+    stock = stock_cls(**kwargs)
+    model = psa_cls(psa=dict(mode=mode, variant=variant), **kwargs)
+    expected = sum(psa_block_params(c, mode, variant) for c in psa_input_channels(stock))
+    assert _params(model) - _params(stock) == expected
+
+
+def test_released_placement_params(psa_block_params, psa_input_channels):
+    stock = HRNet(extra=NARROW)
+    psa = dict(stages=(False, True, True, True), mode='sequential', variant='official')
+    model = PSAHRNet(extra=NARROW, psa=psa)
+    channels = [c for stage in (stock.stage2, stock.stage3, stock.stage4)
+                for c in psa_input_channels(stage)]
+    assert channels == [8, 16, 8, 16, 32, 8, 16, 32, 64]
+    expected = sum(psa_block_params(c, 'sequential', 'official') for c in channels)
+    assert _params(model) - _params(stock) == expected
+
+
 def test_resnet_stages_follow_num_stages():
     model = PSAResNet(**R18, num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1),
                       out_indices=(0, 1, 2), psa=dict(stages=(False, False, True)))
@@ -197,7 +224,7 @@ def test_registry_builds_by_name():
 
 
 @pytest.mark.parametrize('psa, match', [
-    (dict(mdoe='parallel'), "unknown key 'mdoe'"),
+    (dict(mdoe='parallel'), "unknown psa key 'mdoe'"),
     (dict(stages=(True, ) * 3), r'one bool per stage \(4\), got \(True, True, True\)'),
     (dict(stages=(True, True, None, True)), 'entries must be bool, got None'),
     (dict(variant='v2'), "variant must be one of .*got 'v2'"),
