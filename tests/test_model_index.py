@@ -1,9 +1,17 @@
-"""model-index.yml and the metafiles stay in sync with configs/."""
+"""model-index.yml and the metafiles stay in sync with configs/ and with the models they
+describe (parameters of every config, FLOPs of one pose and one seg config)."""
+import copy
 from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
 
+import pytest
+import torch
 import yaml
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
 
-from mmpsa.apis.model_index import COLLECTIONS, PAPER_RESULTS
+from mmpsa.apis.complexity import measure, strip_psa
+from mmpsa.utils.model_index import COLLECTIONS, PAPER_RESULTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,3 +49,61 @@ def test_entries_have_measured_complexity_no_weights_and_marked_paper_results():
                 assert result['Source'].startswith('paper'), model['Name']
                 seen_paper.add(model['Name'])
     assert seen_paper == set(PAPER_RESULTS)
+
+
+def _entries() -> List[Tuple[str, Dict]]:
+    """``(config path, Metadata)`` of every metafile entry."""
+    return [(model['Config'], model['Metadata']) for meta in _metafiles().values()
+            for model in meta['Models']]
+
+
+@pytest.fixture(scope='module')
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (faster on the shared 2-core machine), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(cfg: Config, model_cfg: dict) -> int:
+    """Parameters of a config's model without its auxiliary head (training only; the
+    metafiles count as mmseg's get_flops does), built on the meta device (no memory, no init)."""
+    with DefaultScope.overwrite_default_scope(cfg.default_scope), torch.device('meta'):
+        model = MODELS.build(copy.deepcopy(model_cfg))
+    aux = getattr(model, 'auxiliary_head', None)
+    return sum(p.numel() for p in model.parameters()) - (
+        sum(p.numel() for p in aux.parameters()) if aux is not None else 0)
+
+
+def _millions(n: int) -> float:
+    return round(n / 1e6, 2)  # the metafiles' precision
+
+
+def test_parameter_counts_are_the_models():
+    stock_params: Dict[str, int] = {}
+    for config, md in _entries():
+        cfg = Config.fromfile(str(REPO / config))
+        stock = strip_psa(cfg.model)
+        key = repr(stock.to_dict() if hasattr(stock, 'to_dict') else stock)
+        if key not in stock_params:
+            stock_params[key] = _params(cfg, stock)
+        assert (md['Parameters (M)'], md['Stock Parameters (M)']) == (
+            _millions(_params(cfg, cfg.model)), _millions(stock_params[key])), config
+
+
+@pytest.mark.parametrize('config, literal_too', [
+    ('configs/mmpose/psa_resnet/td-hm_psa-p-res50_8xb64-210e_coco-256x192.py', True),
+    ('configs/mmseg/psa_hrnet/psa-p_fcn_hr48_4xb2-80k_cityscapes-512x1024.py', False),
+])
+def test_flops_are_the_models(config, literal_too, one_thread):
+    """The fused FLOPs (and for the cheap pose model the literal and stock ones too), measured
+    again at the metafile's input size (full-size seg analyses take ~10 s each here)."""
+    md = dict(_entries())[config]
+    cfg = Config.fromfile(str(REPO / config))
+    h, w = (int(side) for side in md['Input'].split('x'))
+    giga = {'FLOPs fused (G)': measure(cfg, (h, w)).flops}
+    if literal_too:
+        giga['FLOPs (G)'] = measure(cfg, (h, w), literal=True).flops
+        giga['Stock FLOPs (G)'] = measure(cfg, (h, w), strip_psa(cfg.model)).flops
+    assert {k: md[k] for k in giga} == {k: round(v / 1e9, 2) for k, v in giga.items()}

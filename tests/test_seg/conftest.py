@@ -2,9 +2,9 @@
 
 ``tiny_run(name)`` trains a tiny config through mmseg's Runner in two legs -- to the middle
 checkpoint, then a fresh Runner with ``resume=True`` to the end -- validating (mmseg's
-IoUMetric) at the end and testing afterwards; it returns what the tests check. Each config
-trains once per pytest session, however many tests read it, on a schedule shortened from the
-config's 100 iterations to ``TEST_ITERS`` for the test budget.
+IoUMetric) at the end; it returns what the tests check. Each config trains once per pytest
+session, however many tests read it, on a schedule shortened from the config's 100 iterations
+to ``TEST_ITERS`` for the test budget.
 
 Every seg test module runs with one intra-op thread: on two shared cores, two threads contend
 with the other processes and run several times slower (a tiny model's FLOPs analysis: 7.8 s
@@ -79,7 +79,6 @@ class TinyRun:
     resumed_from_iter: int
     resumed_state_matches: bool
     val_metrics: Dict[str, float]
-    test_metrics: Dict[str, float]
     checkpoints: List[str] = field(default_factory=list)
 
 
@@ -102,7 +101,6 @@ def _train_tiny(config: Path, data_root: Path, work_dir: Path) -> TinyRun:
     record = _Record()
     runner.register_hook(record, priority='LOWEST')
     runner.train()
-    test_metrics = runner.test()
 
     saved = torch.load(work_dir / f'iter_{mid}.pth', map_location='cpu', weights_only=True)
     matches = record.start_state is not None and all(
@@ -116,7 +114,6 @@ def _train_tiny(config: Path, data_root: Path, work_dir: Path) -> TinyRun:
         resumed_from_iter=record.start_iter,
         resumed_state_matches=matches and set(saved['state_dict']) == set(record.start_state),
         val_metrics=record.val_metrics,
-        test_metrics=dict(test_metrics),
         checkpoints=sorted(p.name for p in work_dir.glob('*.pth')))
 
 
@@ -135,6 +132,12 @@ def tiny_data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('tiny_cityscapes')
     make_tiny_cityscapes(root, num_train=12, num_val=NUM_VAL, seed=0)
     return root
+
+
+@pytest.fixture(scope='session')
+def make_tiny_cfg() -> Callable[..., Config]:
+    """:func:`tiny_cfg`, for the test modules (importlib mode: no conftest imports)."""
+    return tiny_cfg
 
 
 @pytest.fixture(scope='session')

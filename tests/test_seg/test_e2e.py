@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import pytest
 
+from mmpsa.apis.runner import test as run_test_tool
 from mmpsa.datasets.cityscapes_tiny import USED_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,9 +36,15 @@ def test_resume_continues_from_the_saved_state(tiny_run, name):
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_test_loop_reproduces_validation(tiny_run, name):
+def test_testing_the_checkpoint_reproduces_validation(tiny_run, make_tiny_cfg, tiny_data_root,
+                                                      tmp_path, name):
+    """``tools/test.py``'s path -- a new Runner built from the config, loading the saved
+    checkpoint -- gets the mIoU the training Runner validated at its last iteration."""
     run = tiny_run(name)  # the test split of the tiny configs is the val split
-    assert run.test_metrics['mIoU'] == pytest.approx(run.val_metrics['mIoU'], abs=1e-6)
+    cfg = make_tiny_cfg(run.config, tiny_data_root, tmp_path, run.max_iters)
+    checkpoint = run.work_dir / f'iter_{run.max_iters}.pth'
+    metrics = run_test_tool(cfg, str(checkpoint), work_dir=str(tmp_path))
+    assert metrics['mIoU'] == pytest.approx(run.val_metrics['mIoU'], abs=1e-6)
 
 
 def test_init_model_and_inference_model(tiny_run, tiny_data_root):
