@@ -1,4 +1,4 @@
-"""Safe loading of mmengine checkpoints with ``torch.load(weights_only=True)``.
+"""Safe reading of mmengine checkpoints: the ``weights_only`` allow-list, errors naming the file.
 
 torch >= 2.6 loads with ``weights_only=True``; the checkpoints that mmengine's Runner
 writes (for mmseg and mmpose alike) carry a few non-tensor globals in their
@@ -11,13 +11,21 @@ Rather than turning ``weights_only`` off (which lets a checkpoint run code), imp
 never allowed itself: its name is bound to :func:`history_buffer_getattr`, which
 resolves only ``HistoryBuffer``'s registered statistics methods and refuses anything
 else, so a pickle cannot reach ``os.system`` or similar through it.
+
+Reading a checkpoint file goes through :func:`read_checkpoint` (mmengine's loading, behind the
+exact-resume runner's ``resume``/``load_from``): a missing, truncated or corrupt file fails
+with a :class:`CheckpointReadError` that names it. :func:`check_checkpoint_file` finds a
+missing or truncated file cheaply, before a run is built on it.
 """
+import os
 import pickle
+import zipfile
 from typing import Any, Callable, List, Tuple, Union
 
 import numpy as np
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.runner.checkpoint import _load_checkpoint
 
 SafeGlobal = Union[Callable, Tuple[Callable, str]]
 # HistoryBuffer's built-in statistics (its ``_statistics_methods`` fills lazily).
@@ -79,6 +87,80 @@ def safe_globals() -> List[SafeGlobal]:
 def register_safe_globals() -> None:
     """Add :func:`safe_globals` to torch's allow-list (idempotent)."""
     torch.serialization.add_safe_globals(safe_globals())
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file that is missing, truncated or corrupt."""
+
+
+def check_checkpoint_file(filename: str) -> None:
+    """Cheaply check that a local checkpoint is complete, before a run is built on it.
+
+    A checkpoint in torch's (zip) format ends with the archive's central directory: a file
+    cut short by a killed save has none, which ``zipfile`` finds without reading the data.
+    Corruption inside the data is found when the file is loaded (:func:`read_checkpoint`).
+    Remote names (``http://``, ``open-mmlab://``, ``s3://`` ...) are left to mmengine.
+
+    Args:
+        filename: The checkpoint given to ``resume``/``load_from``.
+
+    Raises:
+        CheckpointReadError: If the file is missing, truncated or not a torch archive.
+    """
+    if '://' in str(filename):
+        return
+    if not os.path.isfile(filename):
+        raise CheckpointReadError(f'checkpoint file {filename!r} does not exist')
+    with open(filename, 'rb') as f:
+        magic = f.read(4)
+    if magic != b'PK\x03\x04':
+        return  # torch's legacy (non-zip) format: only loading can tell
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise _unreadable(filename, err) from err
+    if not any(name.endswith('/data.pkl') or name == 'data.pkl' for name in names):
+        raise _unreadable(filename, ValueError('no data.pkl in the archive'))
+
+
+def read_checkpoint(filename: str, map_location='cpu') -> dict:
+    """mmengine's checkpoint loading, with an error naming the file if it cannot be read.
+
+    Args:
+        filename: Local path or URL.
+        map_location: As in mmengine's ``_load_checkpoint``.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointReadError: If a local file is missing, truncated or corrupt.
+    """
+    check_checkpoint_file(filename)
+    if '://' in str(filename):
+        return _load_checkpoint(filename, map_location=map_location)
+    try:
+        return _load_checkpoint(filename, map_location=map_location)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            KeyError, OSError) as err:
+        raise _unreadable(filename, err) from err
+
+
+def _unreadable(filename: str, err: BaseException) -> CheckpointReadError:
+    """The error for a checkpoint file that exists but cannot be read."""
+    text = str(err).strip()
+    cause = text.splitlines()[0] if text else ''
+    if len(cause) > 300:
+        cause = cause[:300] + '...'
+    message = (f'cannot read checkpoint {filename!r} ({os.path.getsize(filename)} bytes): '
+               f'{type(err).__name__}: {cause}')
+    if 'Unsupported global' in text:
+        return CheckpointReadError(
+            message + f' -- it holds objects that weights_only loading refuses ({text})')
+    return CheckpointReadError(
+        message + ' -- the file is truncated or corrupt; use an earlier checkpoint of the run '
+        '(SafeCheckpointHook never leaves a partial file under a checkpoint name).')
 
 
 register_safe_globals()

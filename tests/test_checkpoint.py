@@ -1,6 +1,8 @@
-"""The weights_only allow-list: mmengine checkpoints load, code-running pickles do not."""
+"""The weights_only allow-list (mmengine checkpoints load, code-running pickles do not), and
+checkpoint files that cannot be read fail with an error naming them."""
 import os
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -11,7 +13,8 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import _load_checkpoint
 
 import mmpsa  # noqa: F401  (registers the allow-list)
-from mmpsa.checkpoint import history_buffer_getattr, safe_globals
+from mmpsa.checkpoint import (CheckpointReadError, check_checkpoint_file, history_buffer_getattr,
+                              read_checkpoint, safe_globals)
 
 # Globals that run code or reach arbitrary attributes: none may be allowed.
 DANGEROUS = {
@@ -123,3 +126,56 @@ def test_getattr_escape_is_refused(tmp_path: Path, loader: str):
             torch.load(path)
         else:
             _load_checkpoint(str(path), map_location='cpu')
+
+
+def _saved(path: Path) -> Path:
+    """A small checkpoint in torch's zip format."""
+    torch.save({'state_dict': OrderedDict(w=torch.ones(2)), 'meta': {'iter': 3}}, path)
+    return path
+
+
+def test_read_checkpoint_loads_a_complete_file(tmp_path: Path):
+    ckpt = read_checkpoint(str(_saved(tmp_path / 'good.pth')))
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(2)) and ckpt['meta']['iter'] == 3
+
+
+def test_missing_checkpoint_is_named(tmp_path: Path):
+    missing = str(tmp_path / 'missing.pth')
+    with pytest.raises(CheckpointReadError, match='does not exist') as err:
+        check_checkpoint_file(missing)
+    assert missing in str(err.value)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'no_data_pkl'])
+def test_incomplete_checkpoint_fails_the_quick_check(tmp_path: Path, damage: str):
+    path = tmp_path / 'bad.pth'
+    if damage == 'truncated':  # a save killed midway: no central directory at the end
+        data = _saved(tmp_path / 'good.pth').read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:  # a zip archive, but not a torch checkpoint
+        with zipfile.ZipFile(path, 'w') as archive:
+            archive.writestr('bad/other.txt', 'no pickle here')
+    with pytest.raises(CheckpointReadError, match='truncated or corrupt') as err:
+        check_checkpoint_file(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_corrupt_pickle_passes_the_quick_check_and_fails_the_read(tmp_path: Path):
+    path = _saved(tmp_path / 'corrupt.pth')
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith('/data.pkl'))
+    # Local file header: 30 bytes, then the name and the extra field, then the data.
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], 'little')
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], 'little')
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start:start + info.compress_size] = b'\x00' * info.compress_size
+    path.write_bytes(bytes(data))
+    check_checkpoint_file(str(path))
+    with pytest.raises(CheckpointReadError, match='truncated or corrupt') as err:
+        read_checkpoint(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_remote_checkpoint_names_are_left_to_mmengine():
+    check_checkpoint_file('https://download.openmmlab.com/no/such/file.pth')

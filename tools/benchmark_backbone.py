@@ -8,7 +8,7 @@ Prints a Markdown table (params, step time, overhead vs stock); progress goes to
 """
 import argparse
 
-from mmpsa.apis.benchmark_backbone import BLOCKS, NETWORKS, run
+from mmpsa.utils.benchmark_backbone import BLOCKS, NETWORKS, run
 
 
 def parse_args() -> argparse.Namespace:

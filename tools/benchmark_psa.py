@@ -14,8 +14,7 @@ Usage::
 import argparse
 from typing import List, Tuple
 
-from mmpsa.apis.benchmark import (CONFIGS, HRNET_SHAPES, SEG_SHAPES,
-                                  format_table, run_benchmark)
+from mmpsa.utils.benchmark import CONFIGS, HRNET_SHAPES, SEG_SHAPES, format_table, run_benchmark
 
 
 def _shape(text: str) -> Tuple[int, int, int]:

@@ -8,7 +8,7 @@ Example::
 import argparse
 from typing import List, Optional
 
-from mmpsa.apis.demo import RUNS, run_demo
+from mmpsa.utils.demo import RUNS, run_demo
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from typing import List, Optional
 from mmengine.config import DictAction
 
 from mmpsa.apis.runner import LAUNCHERS, LaunchError, test
-from mmpsa.engine import CheckpointReadError
+from mmpsa.checkpoint import CheckpointReadError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

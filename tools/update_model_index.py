@@ -7,18 +7,16 @@ Example::
     python tools/update_model_index.py fused.json literal.json
 """
 import argparse
-from pathlib import Path
 from typing import List, Optional
 
-from mmpsa.apis.model_index import write_model_index
+from mmpsa.utils.model_index import write_model_index
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('json_files', nargs='+', help='tools/complexity.py --json outputs')
     args = parser.parse_args(argv)
-    repo = Path(__file__).resolve().parents[1]
-    for path in write_model_index(repo, args.json_files):
+    for path in write_model_index(args.json_files):
         print(path)
 
 

@@ -1,1 +1,4 @@
-"""Library side of the command-line tools in ``tools/`` (each tool is a thin CLI)."""
+"""The user's API: train and test a config (:mod:`.runner`), its parameters and FLOPs against
+the stock model (:mod:`.complexity`), PSA attention maps (:mod:`.attention`); each is the
+library side of a thin CLI in ``tools/``. The project's own maintenance code is in
+:mod:`mmpsa.utils`."""

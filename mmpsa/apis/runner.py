@@ -26,7 +26,7 @@ from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..engine.loops import check_checkpoint_file
+from ..checkpoint import check_checkpoint_file
 
 #: The ``default_scope`` values the tools know.
 SCOPES = ('mmseg', 'mmpose')

@@ -12,9 +12,9 @@ keeps the stock arguments and behaviour, and
   backend (registered in mmengine's fileio as ``'mmpsa_atomic_local'``, so the writes inside
   ``Runner.save_checkpoint`` go through it too), ``last_checkpoint`` directly;
 - deletes old checkpoints and the previous best only after the new file is in place;
-- gathers the torch, numpy and python RNG states of every rank at each save into the
-  message hub (``Runner.save_checkpoint`` runs on rank 0 only), for the exact-resume loops of
-  :mod:`mmpsa.engine.loops` to restore.
+- gathers the torch, numpy and python RNG states of every rank (:mod:`mmpsa.engine.rng`) at
+  each save into the message hub (``Runner.save_checkpoint`` runs on rank 0 only), for the
+  exact-resume loops of :mod:`mmpsa.engine.loops` to restore.
 """
 import logging
 import os
@@ -29,7 +29,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from .loops import RNG_STATES_KEY, get_rng_state
+from .rng import RNG_STATES_KEY, get_rng_state
 
 #: Name of :class:`AtomicLocalBackend` in mmengine's fileio backends.
 ATOMIC_BACKEND = 'mmpsa_atomic_local'

@@ -7,20 +7,16 @@ and a fresh runner resumes from the work dir: its per-iteration losses must equa
 uninterrupted run's, bit for bit. The stock runner does not get there (checked, so the
 comparison can fail).
 """
-import random
 from typing import Dict
 
 import numpy as np
 import pytest
-import torch
 from mmengine.config import Config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS, METRICS, RUNNERS
 
 import mmpsa  # noqa: F401  (registers)
-from mmpsa.engine import ExactResumeRunner
-from mmpsa.engine.loops import exact_resume_cfg, get_rng_state, isolated_rng, set_rng_state
 
 LOSSES: Dict[str, Dict[int, float]] = {}
 
@@ -139,47 +135,3 @@ def test_stock_runner_resume_is_not_exact(tmp_path):
     assert type(runner.train_loop).__name__ == 'IterBasedTrainLoop'
     assert sorted(resumed) == [4, 5, 6, 7]
     assert [resumed[i] for i in range(4, 8)] != [full[i] for i in range(4, 8)]
-
-
-def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
-    state = get_rng_state()
-    path = tmp_path / 'rng.pth'
-    torch.save(state, path)
-    # Plain tensors/ints/floats/str/None: loads without any allow-listed global.
-    with torch.serialization.safe_globals([]):
-        loaded = torch.load(path, weights_only=True)
-    first = (torch.rand(3), np.random.rand(3), random.random())
-    set_rng_state(loaded)
-    again = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(first[0], again[0])
-    assert np.array_equal(first[1], again[1])
-    assert first[2] == again[2]
-
-
-def test_isolated_rng_undoes_the_draws_inside():
-    with isolated_rng():
-        inside = (torch.rand(2), np.random.rand(2), random.random())
-    after = (torch.rand(2), np.random.rand(2), random.random())
-    assert torch.equal(inside[0], after[0]) and np.array_equal(inside[1], after[1])
-    assert inside[2] == after[2]
-
-
-def test_exact_resume_cfg_swaps_stock_types_only():
-    mmseg_like = Config(dict(train_cfg=dict(type='IterBasedTrainLoop', max_iters=4),
-                             default_hooks=dict(checkpoint=dict(type='CheckpointHook'))))
-    exact_resume_cfg(mmseg_like)
-    assert mmseg_like.train_cfg.type == 'ExactResumeIterBasedTrainLoop'
-    assert mmseg_like.default_hooks.checkpoint.type == 'SafeCheckpointHook'
-
-    mmpose_like = Config(dict(train_cfg=dict(by_epoch=True, max_epochs=3), default_hooks={}))
-    exact_resume_cfg(mmpose_like)
-    assert mmpose_like.train_cfg == dict(type='ExactResumeEpochBasedTrainLoop', max_epochs=3)
-    assert mmpose_like.default_hooks.checkpoint == dict(type='SafeCheckpointHook', interval=1)
-
-    custom = Config(dict(train_cfg=dict(type='MyLoop'),
-                         default_hooks=dict(checkpoint=dict(type='MyCheckpointHook'))))
-    exact_resume_cfg(custom)
-    assert custom.train_cfg.type == 'MyLoop'
-    assert custom.default_hooks.checkpoint.type == 'MyCheckpointHook'
-
-    assert RUNNERS.get('mmpsa.engine.ExactResumeRunner') is ExactResumeRunner

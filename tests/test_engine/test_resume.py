@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mmpsa.apis.runner import train
-from mmpsa.engine import CheckpointReadError
+from mmpsa.checkpoint import CheckpointReadError
 
 REPO = Path(__file__).resolve().parents[2]
 SEG_BASE = REPO / 'configs/mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
@@ -171,9 +171,10 @@ def _resume(root: Path, task: str, load_tool) -> Dict[int, float]:
     work_dir = root / f'{task}_killed'
     (work_dir / 'losses.jsonl').rename(work_dir / 'losses_before_kill.jsonl')
     with _one_thread():
-        load_tool('train').main([str(root / f'{task}.py'), '--work-dir', str(work_dir),
-                             '--resume', '--cfg-options', f'experiment_name={task}-resumed',
-                             f'visualizer.name={task}-resumed'])
+        load_tool('train').main([
+            str(root / f'{task}.py'), '--work-dir', str(work_dir), '--resume', '--cfg-options',
+            f'experiment_name={task}-resumed', f'visualizer.name={task}-resumed'
+        ])
     return _losses(work_dir / 'losses.jsonl')
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from mmpsa.apis.runner import (LaunchError, build_runner, launcher_env, load_config,
-                               plain_bn, prepare_distributed, set_resume)
+from mmpsa.apis.runner import (LaunchError, build_runner, launcher_env, load_config, plain_bn,
+                               prepare_distributed, set_resume)
 from mmpsa.engine import ExactResumeRunner
-from mmpsa.engine.loops import exact_resume_cfg
+from mmpsa.engine.runner import exact_resume_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 SEG_BASE = REPO / 'configs/mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'

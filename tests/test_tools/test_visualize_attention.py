@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mmpsa.apis.attention import capture_attention, psa_blocks, select_blocks
-from mmpsa.apis.tiny import TINY_POSE, TINY_SEG, make_tiny_data, tiny_config
+from mmpsa.utils.tiny import TINY_POSE, TINY_SEG, make_tiny_data, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,10 +4,10 @@ from typing import Any, Dict, Optional, Union
 
 from mmengine.config import Config
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
+from .paths import configs_root
 
-TINY_SEG = REPO_CONFIGS / 'mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
-TINY_POSE = REPO_CONFIGS / 'mmpose/tiny/td-hm_psa-p-hrnet-tiny_1xb16-5e_tinycoco-96x64.py'
+TINY_SEG = configs_root() / 'mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
+TINY_POSE = configs_root() / 'mmpose/tiny/td-hm_psa-p-hrnet-tiny_1xb16-5e_tinycoco-96x64.py'
 
 
 def make_tiny_data(root: Union[str, Path], scope: str) -> Path:

@@ -2,7 +2,9 @@
 
 The numbers come from :mod:`mmpsa.apis.complexity` records (``tools/complexity.py --json``);
 the only results listed are the paper's own, marked as such. No ``Weights`` entries: mmpsa
-publishes no trained checkpoints.
+publishes no trained checkpoints. The config folders are found by
+:func:`~mmpsa.utils.paths.configs_root`; ``model-index.yml`` goes beside that folder, its
+paths relative to there (the repository root in a checkout).
 """
 import json
 from collections import defaultdict
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import yaml
+
+from .paths import configs_root
 
 PAPER = dict(
     URL='https://arxiv.org/abs/2107.00782',
@@ -35,11 +39,6 @@ COLLECTIONS = {
 }
 
 
-def config_folders(configs_root: Path) -> List[Path]:
-    """The model folders under ``configs/`` (those in :data:`COLLECTIONS`)."""
-    return [configs_root / key for key in COLLECTIONS]
-
-
 def _records(json_files: Iterable[str]) -> Dict[str, Dict[str, dict]]:
     """config stem -> {'fused'|'literal': record} from complexity JSON files."""
     out: Dict[str, Dict[str, dict]] = defaultdict(dict)
@@ -49,20 +48,20 @@ def _records(json_files: Iterable[str]) -> Dict[str, Dict[str, dict]]:
     return out
 
 
-def build_metafiles(repo: Path, json_files: Iterable[str]) -> Dict[Path, dict]:
+def build_metafiles(json_files: Iterable[str]) -> Dict[Path, dict]:
     """The metafile content of each model folder.
 
     Args:
-        repo: Repository root (holds ``configs/``).
         json_files: Complexity records covering every config (fused and literal).
 
     Returns:
         ``{metafile path: content}``.
     """
     records = _records(json_files)
+    repo = configs_root().parent
     metafiles = {}
     for key, (name, dataset, task) in COLLECTIONS.items():
-        folder = repo / 'configs' / key
+        folder = configs_root() / key
         models = []
         for config in sorted(folder.glob('*.py')):
             stem = config.stem
@@ -95,10 +94,19 @@ def build_metafiles(repo: Path, json_files: Iterable[str]) -> Dict[Path, dict]:
     return metafiles
 
 
-def write_model_index(repo: Path, json_files: Iterable[str],
+def write_model_index(json_files: Iterable[str],
                       metafiles: Optional[Dict[Path, dict]] = None) -> List[Path]:
-    """Write every metafile and ``model-index.yml``; return the written paths."""
-    metafiles = metafiles or build_metafiles(repo, json_files)
+    """Write every metafile and ``model-index.yml``.
+
+    Args:
+        json_files: Complexity records covering every config (fused and literal).
+        metafiles: Content to write instead of :func:`build_metafiles`'s.
+
+    Returns:
+        The written paths.
+    """
+    repo = configs_root().parent
+    metafiles = metafiles or build_metafiles(json_files)
     written = []
     for path, content in metafiles.items():
         path.write_text(yaml.safe_dump(content, sort_keys=False, width=100))

@@ -18,7 +18,7 @@ from mmengine.hooks import Hook
 
 from mmpsa.apis.complexity import measure
 from mmpsa.apis.runner import build_runner
-from mmpsa.apis.tiny import TINY_POSE, TINY_SEG, make_tiny_data, tiny_config
+from mmpsa.utils.tiny import TINY_POSE, TINY_SEG, make_tiny_data, tiny_config
 
 # name -> (scope, config, psa override, metric key, metric label)
 SEG_PSA = dict(variant='official', stages=(False, True, True, True))
