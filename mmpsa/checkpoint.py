@@ -155,7 +155,7 @@ def _unreadable(filename: str, err: BaseException) -> CheckpointReadError:
         cause = cause[:300] + '...'
     message = (f'cannot read checkpoint {filename!r} ({os.path.getsize(filename)} bytes): '
                f'{type(err).__name__}: {cause}')
-    if 'Unsupported global' in text:
+    if 'unsupported global' in text.lower():  # torch: 'Unsupported global' / 'unsupported GLOBAL'
         return CheckpointReadError(
             message + f' -- it holds objects that weights_only loading refuses ({text})')
     return CheckpointReadError(
