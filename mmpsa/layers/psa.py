@@ -17,7 +17,8 @@ resolution; the test oracle) and a fused form (``fused=True``, the default) that
 the linearity of the 1x1 convs to touch the input only a few times; see
 :mod:`mmpsa.layers.psa_fused`. Both have the same parameters and state_dict.
 """
-from typing import Optional, Union
+import inspect
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from . import psa_fused
+from .precision import acc_dtype, no_autocast
 
 _MODES = ('parallel', 'sequential')
 _VARIANTS = ('paper', 'official')
@@ -34,15 +36,15 @@ _VARIANTS = ('paper', 'official')
 def _softmax(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax computed in (at least) fp32, returned in ``t``'s dtype."""
     if t.dtype in (torch.float16, torch.bfloat16):
-        with psa_fused.no_autocast(t):
+        with no_autocast(t):
             return F.softmax(t.float(), dim).to(t.dtype)
     return F.softmax(t, dim)
 
 
 def _layer_norm(ln: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
     """``ln(t)`` computed in (at least) fp32 (returns fp32 for half inputs)."""
-    acc = psa_fused.acc_dtype(t.dtype)
-    with psa_fused.no_autocast(t):
+    acc = acc_dtype(t.dtype)
+    with no_autocast(t):
         return F.layer_norm(t.to(acc), ln.normalized_shape, ln.weight.to(acc),
                             ln.bias.to(acc), ln.eps)
 
@@ -246,3 +248,42 @@ class PolarizedSelfAttention(BaseModule):
         if self.mode == 'parallel':
             ctx = _softmax(ctx, -1)
         return torch.sigmoid(ctx).to(y.dtype).view(b, 1, h, w)
+
+
+def _block_defaults() -> Dict[str, Any]:
+    """The block's configurable arguments and their defaults, read from its signature."""
+    params = inspect.signature(PolarizedSelfAttention.__init__).parameters
+    return {name: p.default for name, p in params.items()
+            if name not in ('self', 'in_channels', 'init_cfg')}
+
+
+#: What a ``psa=dict(...)`` of a backbone, neck or head sets for each block, with the
+#: defaults (the block's own: ``mode='parallel', variant='paper', fused=True``).
+PSA_DEFAULTS: Dict[str, Any] = _block_defaults()
+
+
+def check_psa_cfg(psa: Any, owner: str, extra_keys: Sequence[str] = ()) -> Dict[str, Any]:
+    """Check a ``psa=dict(...)`` config and fill in the block's defaults.
+
+    The one place that knows which keys a PSA config holds: the block's arguments
+    (:data:`PSA_DEFAULTS`) plus what the caller adds (a backbone's ``stages``). The values
+    are checked by the block when it is built (and ``extra_keys`` by the caller).
+
+    Args:
+        psa: The config, a dict with some of the keys.
+        owner: Who reads it (a class name), put in the messages.
+        extra_keys: Keys the caller accepts beyond the block's arguments; they are
+            returned only when given.
+
+    Returns:
+        dict: A copy with every block argument set.
+    """
+    if not isinstance(psa, Mapping):
+        raise ValueError(f'{owner}: psa must be a dict or None, got {psa!r} (e.g. '
+                         f"psa=dict(mode='parallel', variant='paper'))")
+    allowed = (*PSA_DEFAULTS, *extra_keys)
+    unknown = [key for key in psa if key not in allowed]
+    if unknown:
+        raise ValueError(f'{owner}: unknown psa key {unknown[0]!r} (allowed: '
+                         f'{", ".join(allowed)}), got psa={dict(psa)!r}')
+    return {**PSA_DEFAULTS, **psa}

@@ -35,7 +35,6 @@ Where it runs:
   be opaque there; mmengine's FLOPs count would miss it), and, with a warning, when
   the extension is not built.
 """
-import contextlib
 import hashlib
 import importlib
 import os.path as osp
@@ -45,20 +44,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .precision import acc_dtype, no_autocast
+
 Tensor = torch.Tensor
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype small tensors (softmax, LayerNorm, ...) are computed in: >= fp32."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def no_autocast(t: Tensor):
-    """A context that disables autocast on ``t``'s device if it is enabled there."""
-    dev = t.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _w2d(conv_weight: Tensor, dtype: torch.dtype) -> Tensor:
