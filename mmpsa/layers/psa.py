@@ -30,6 +30,7 @@ from . import psa_fused
 from .precision import acc_dtype, no_autocast
 
 _MODES = ('parallel', 'sequential')
+_NO_PARAMS = {'weight': None, 'bias': None}  # an absent submodule in fused_params
 _VARIANTS = ('paper', 'official')
 
 
@@ -138,6 +139,7 @@ class PolarizedSelfAttention(BaseModule):
             self.conv_v_left = nn.Conv2d(c, c2, 1, bias=False)
         self.ch_attn = nn.Identity()
         self.sp_attn = nn.Identity()
+        self._fused_parts = self._fused_param_modules()
         if variant == 'official':
             self._init_official_qv()
 
@@ -164,6 +166,41 @@ class PolarizedSelfAttention(BaseModule):
             self._is_init = False
             super().init_weights()
         self._is_init = False
+
+    # ----------------------------------------------------------- fused form
+    def _fused_param_modules(self) -> tuple:
+        """The submodules behind :meth:`fused_params`: ``(q, v, z, ln, z2, sq, sv)``.
+
+        Listed once at construction (a deepcopy copies the tuple along with the modules
+        it names, a loaded state_dict fills the same parameters).
+        """
+        if self.variant == 'paper':
+            return (self.ch_wq, self.ch_wv, self.ch_wz, self.ln, None, self.sp_wq,
+                    self.sp_wv)
+        if self.mode == 'parallel':
+            up = (self.conv_up, None, None)
+        else:
+            conv1, ln, _, conv2 = self.conv_up  # conv, LN, ReLU, conv
+            up = (conv1, ln, conv2)
+        return (self.conv_q_right, self.conv_v_right, *up, self.conv_q_left,
+                self.conv_v_left)
+
+    def fused_params(self) -> psa_fused.PSAParams:
+        """The block's parameters in the named form every fused evaluation takes.
+
+        See :class:`~mmpsa.layers.psa_fused.PSAParams`. This runs on every fused
+        forward, so it reads the parameter dicts of the submodules listed at
+        construction (``Module.__getattr__`` for the ~20 lookups cost ~15 us, a tenth
+        of a small block's forward); the parameters themselves are read afresh.
+        """
+        parts = self._fused_parts
+        q, v, z, ln, z2, sq, sv = [_NO_PARAMS if m is None else m._parameters
+                                   for m in parts]
+        eps = 0.0 if parts[3] is None else parts[3].eps
+        return psa_fused.PSAParams(
+            q['weight'], q['bias'], v['weight'], v['bias'], z['weight'], z['bias'],
+            ln['weight'], ln['bias'], z2['weight'], z2['bias'], sq['weight'], sq['bias'],
+            sv['weight'], sv['bias'], eps)
 
     def extra_repr(self) -> str:
         return (f'in_channels={self.in_channels}, mode={self.mode!r}, '

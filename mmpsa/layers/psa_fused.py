@@ -22,40 +22,88 @@ pixels to ``W_v(Y)``, which does not fuse: it is computed with ``a_ch`` folded i
 
 Where it runs:
 
-* The autograd Function with the hand-written backward is C++
-  (``mmpsa/csrc/psa_fused.cpp``, built into ``mmpsa._ext`` by ``pip install``). For
-  the paper variant and official PSA_p on small contiguous CPU inputs (every HRNet
-  shape) it evaluates each sample in plain loops, one sample per thread, with the
-  passes over X fused; elsewhere (other devices, large inputs, PSA_s) it calls ATen
-  ops only, so it runs on any device and dtype. At the HRNet shapes a step in ATen
-  ops is ~50 ops of a few microseconds each on tiny tensors; the Python version of
-  the same ops was slower still (its per-op glue was a third of the step).
+* The autograd Function with the hand-written backward is C++ (``mmpsa/csrc``, built
+  into ``mmpsa._ext`` by ``pip install``). For the paper variant and official PSA_p on
+  small contiguous CPU inputs (every HRNet shape) it evaluates each sample in plain
+  loops, one sample per thread, with the passes over X fused
+  (``psa_cpu_kernel.cpp``); elsewhere (other devices, large inputs) it calls ATen ops
+  only (``psa_aten.cpp``; PSA_s: ``psa_official_s.cpp``), so it runs on any device and
+  dtype. At the HRNet shapes a step in ATen ops is ~50 ops of a few microseconds each
+  on tiny tensors; the Python version of the same ops was slower still (its per-op
+  glue was a third of the step).
 * :func:`_plain` is the same maths as plain differentiable ops. It runs under
   ``torch.jit`` tracing and ``torch.compile``/``torch.export`` (a custom Function would
   be opaque there; mmengine's FLOPs count would miss it), and, with a warning, when
   the extension is not built.
+
+Every evaluation takes the block's parameters in one named form, :class:`PSAParams`
+(built by :meth:`PolarizedSelfAttention.fused_params`), and gives the observation points
+``ch_attn``/``sp_attn`` maps in the input's dtype that are fresh tensors: a forward hook
+may edit them in place without touching the output or backward.
 """
-import hashlib
 import importlib
 import os.path as osp
 import warnings
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .ext_source import CSRC_DIR, source_hash
 from .precision import acc_dtype, no_autocast
 
 Tensor = torch.Tensor
 
 
-def _w2d(conv_weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A 1x1 conv weight (O, I, 1, 1) as an (O, I) matrix."""
-    return conv_weight.flatten(1).to(dtype)
+class PSAParams(NamedTuple):
+    """A block's parameters in the form every fused evaluation takes.
+
+    With ``X`` the input as a (C, HW) matrix per sample, the evaluations compute
+
+    * channel branch: ``p = softmax_HW(W_q X + b_q)``, ``z = W_z (W_v (X p) + b_v) + b_z``,
+      then ``z = LN(z)`` if ``ch_ln_w`` is given, then ``z = W_z2 relu(z) + b_z2`` if
+      ``ch_wz2`` is given; ``a_ch = sigmoid(z)``;
+    * spatial branch (on ``X`` or, sequential, on ``a_ch * X``), from
+      ``s = W_sq GP(X) + b_sq`` and ``W_sv``, ``b_sv``; the variant decides the softmaxes.
+
+    So the paper variant has ``ch_w*``/``ch_b*``, ``ch_ln_*`` (its ``ln``) and ``sp_*``;
+    official PSA_p has the weights only (no biases, no LayerNorm, no ``ch_wz2``); PSA_s
+    has ``conv_up`` as ``ch_wz``/``ch_bz``, ``ch_ln_*``, ``ch_wz2``/``ch_bz2``. Absent
+    entries are None. The tensors are the parameters themselves, in their own shapes
+    (conv weights ``(O, I, 1, 1)``). The compiled Function takes the tensor fields as a
+    list in this order (:attr:`tensors`); the C++ side lists the same names in the same
+    order once (``MMPSA_PSA_PARAMS`` in ``mmpsa/csrc/psa_fused.h``, exported as
+    ``mmpsa._ext.PARAM_NAMES`` and checked against :data:`PARAM_NAMES` at import).
+    """
+    ch_wq: Tensor  # (1, C, 1, 1)
+    ch_bq: Optional[Tensor]  # (1, ); cancels in the softmax, has a gradient
+    ch_wv: Tensor  # (C/2, C, 1, 1)
+    ch_bv: Optional[Tensor]
+    ch_wz: Tensor  # (C, C/2, 1, 1); PSA_s (C/8, C/2, 1, 1)
+    ch_bz: Optional[Tensor]
+    ch_ln_w: Optional[Tensor]  # (C, ); PSA_s (C/8, 1, 1)
+    ch_ln_b: Optional[Tensor]
+    ch_wz2: Optional[Tensor]  # PSA_s (C, C/8, 1, 1)
+    ch_bz2: Optional[Tensor]
+    sp_wq: Tensor  # (C/2, C, 1, 1)
+    sp_bq: Optional[Tensor]
+    sp_wv: Tensor  # (C/2, C, 1, 1)
+    sp_bv: Optional[Tensor]
+    ln_eps: float = 0.0  # the eps of ``ch_ln``
+
+    @property
+    def tensors(self) -> Tuple[Optional[Tensor], ...]:
+        """The tensor fields in order (what the compiled Function takes)."""
+        return self[:-1]
 
 
-def _vec(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+#: The names of :attr:`PSAParams.tensors`, in order.
+PARAM_NAMES = PSAParams._fields[:-1]
+
+
+def _linear(t: Tensor, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """A 1x1 conv on (B, I) vectors, in the accumulation dtype."""
+    return F.linear(t, weight.flatten(1).to(acc), None if bias is None else bias.to(acc))
 
 
 def _casts(xd: torch.dtype, acc: torch.dtype):
@@ -65,95 +113,64 @@ def _casts(xd: torch.dtype, acc: torch.dtype):
     return (lambda t: t.to(xd)), (lambda t: t.to(acc))
 
 
-def _params(block) -> list:
-    """The block's parameters in the order the compiled Function takes them.
-
-    Paper: ``ch_wq``, ``ch_wv``, ``ch_wz``, ``ln``, ``sp_wq``, ``sp_wv`` (weight, bias
-    each). Official: ``conv_q_right``, ``conv_v_right``, ``conv_up`` (PSA_s: its conv,
-    LayerNorm, conv), ``conv_q_left``, ``conv_v_left``. This runs on every forward, so
-    it reads ``_modules``/``_parameters`` directly (``Module.__getattr__`` for the 24
-    lookups cost ~15 us, a tenth of a small block's forward).
-    """
-    mods = block._modules
-    if block.variant == 'paper':
-        parts = [mods[name] for name in _PAPER_MODULES]
-    else:
-        up = mods['conv_up']
-        ups = ([up] if block.mode == 'parallel' else
-               [up._modules[k] for k in ('0', '1', '3')])  # conv, LN, (ReLU), conv
-        parts = [mods['conv_q_right'], mods['conv_v_right'], *ups,
-                 mods['conv_q_left'], mods['conv_v_left']]
-    return [t for m in parts for t in m._parameters.values() if t is not None]
+def _for_hooks(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """A map as hooks see it: a fresh tensor in the input's dtype, outside the graph."""
+    return a.detach().to(dtype, copy=True)
 
 
-_PAPER_MODULES = ('ch_wq', 'ch_wv', 'ch_wz', 'ln', 'sp_wq', 'sp_wv')
-
-
-def _plain(block, x: Tensor) -> Tensor:
+def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused math with plain differentiable ops (tracing, compile, export,
-    and the fallback when ``mmpsa._ext`` is not built).
+    and the fallback when ``mmpsa._ext`` is not built): ``(out, a_ch, a_sp)``.
 
     Same evaluation order as the compiled Function's forward, with batched matmuls
-    (which mmengine's FLOPs analysis counts correctly).
+    (which mmengine's FLOPs analysis counts correctly). The maps are as
+    :func:`fused_function` returns them.
     """
     b, c, h, w = x.shape
     n, c2 = h * w, c // 2
     xd, acc = x.dtype, acc_dtype(x.dtype)
     X, A = _casts(xd, acc)
-    seq = block.mode == 'sequential'
-    paper = block.variant == 'paper'
     x3 = x.reshape(b, c, n)
-    if paper:
-        mq, mv, msq, msv = block.ch_wq, block.ch_wv, block.sp_wq, block.sp_wv
-    else:
-        mq, mv, msq, msv = (block.conv_q_right, block.conv_v_right,
-                            block.conv_q_left, block.conv_v_left)
     with no_autocast(x):
-        wq = X(mq.weight).view(1, 1, c).expand(b, 1, c)
+        wq = X(prm.ch_wq).view(1, 1, c).expand(b, 1, c)
         qr = A(torch.bmm(wq, x3))  # (B, 1, HW)
-        if mq.bias is not None:  # cancels in the softmax; kept for autograd
-            qr = qr + A(mq.bias)
+        if prm.ch_bq is not None:  # cancels in the softmax; kept for autograd
+            qr = qr + A(prm.ch_bq)
         p = torch.softmax(qr, -1)
         xp = A(torch.bmm(x3, X(p).transpose(1, 2)).view(b, c))  # X p
         g = x3.mean(-1, dtype=acc)  # GP(X)
-        v = F.linear(xp, _w2d(mv.weight, acc), _vec(mv.bias, acc))  # (B, C/2)
-        if paper:
-            z = F.linear(v, _w2d(block.ch_wz.weight, acc),
-                         A(block.ch_wz.bias))
-            z = F.layer_norm(z, (c, ), A(block.ln.weight), A(block.ln.bias),
-                             block.ln.eps)
-        elif not seq:
-            z = F.linear(v, _w2d(block.conv_up.weight, acc))
-        else:
-            conv1, ln, _, conv2 = block.conv_up
-            z = F.linear(v, _w2d(conv1.weight, acc), A(conv1.bias))
-            z = F.layer_norm(z, (z.shape[1], ), A(ln.weight).flatten(),
-                             A(ln.bias).flatten(), ln.eps)
-            z = F.linear(torch.relu(z), _w2d(conv2.weight, acc), A(conv2.bias))
+        v = _linear(xp, prm.ch_wv, prm.ch_bv, acc)  # (B, C/2)
+        z = _linear(v, prm.ch_wz, prm.ch_bz, acc)
+        if prm.ch_ln_w is not None:
+            z = F.layer_norm(z, (z.shape[1], ),
+                             A(prm.ch_ln_w).flatten(),
+                             None if prm.ch_ln_b is None else A(prm.ch_ln_b).flatten(), prm.ln_eps)
+        if prm.ch_wz2 is not None:
+            z = _linear(torch.relu(z), prm.ch_wz2, prm.ch_bz2, acc)
         a_ch = torch.sigmoid(z)  # (B, C)
         gs = g * a_ch if seq else g  # GP of the branch input
-        sq = F.linear(gs, _w2d(msq.weight, acc), _vec(msq.bias, acc))
+        sq = _linear(gs, prm.sp_wq, prm.sp_bq, acc)  # (B, C/2)
+        wsv = prm.sp_wv.flatten(1).to(acc)
         if paper:
             s = torch.softmax(sq, -1)
-            u = torch.mm(s, _w2d(msv.weight, acc))  # (B, C)
+            u = torch.mm(s, wsv)  # (B, C)
             ue = u * a_ch if seq else u
             lg = A(torch.bmm(X(ue).unsqueeze(1), x3))  # (B, 1, HW)
-            lg = lg + torch.mm(s, A(msv.bias).view(c2, 1)).view(b, 1, 1)
+            if prm.sp_bv is not None:
+                lg = lg + torch.mm(s, A(prm.sp_bv).view(c2, 1)).view(b, 1, 1)
         elif not seq:
-            u = torch.mm(sq, _w2d(msv.weight, acc))
+            u = torch.mm(sq, wsv)  # (b_sv would cancel in the softmax)
             lg = torch.softmax(A(torch.bmm(X(u).unsqueeze(1), x3)), -1)
         else:
             # PSA_s: W_v(a_ch * X) = (W_v diag(a_ch)) X, softmax over HW per
             # channel (does not fuse); a_ch * X is never materialised
-            wva = _w2d(msv.weight, acc).unsqueeze(0) * a_ch.unsqueeze(1)
+            wva = wsv.unsqueeze(0) * a_ch.unsqueeze(1)
             theta = torch.softmax(A(torch.bmm(X(wva), x3)), -1)
             lg = torch.bmm(sq.unsqueeze(1), theta)  # (B, 1, HW)
         a_sp = torch.sigmoid(lg)
-    a_ch = block.ch_attn(X(a_ch).view(b, c, 1, 1))
-    a_sp = block.sp_attn(X(a_sp).view(b, 1, h, w))
-    if seq:
-        return x * a_ch * a_sp
-    return x * a_ch + x * a_sp
+    a_ch4, a_sp4 = X(a_ch).view(b, c, 1, 1), X(a_sp).view(b, 1, h, w)
+    out = x * a_ch4 * a_sp4 if seq else x * a_ch4 + x * a_sp4
+    return out, _for_hooks(a_ch4, xd), _for_hooks(a_sp4, xd)
 
 
 def _load_extension():
@@ -161,60 +178,54 @@ def _load_extension():
     try:
         _ext = importlib.import_module('mmpsa._ext')
     except ImportError as e:
-        warnings.warn(
-            'mmpsa._ext (the compiled fused PolarizedSelfAttention) is not built '
-            f'({e}); the fused block runs as plain autograd ops, which is slower. '
-            'Build it with `pip install --no-build-isolation -e .` (or `make setup`).')
+        warnings.warn('mmpsa._ext (the compiled fused PolarizedSelfAttention) is not built '
+                      f'({e}); the fused block runs as plain autograd ops, which is slower. '
+                      'Build it with `pip install --no-build-isolation -e .` (or `make setup`).')
         return None
-    src = osp.join(osp.dirname(osp.dirname(__file__)), 'csrc', 'psa_fused.cpp')
-    if osp.exists(src):  # a source checkout: refuse a binary built from other code
-        with open(src, 'rb') as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    if osp.isdir(CSRC_DIR):  # a source checkout: refuse a binary built from other code
+        digest = source_hash(CSRC_DIR)
         if digest != _ext.SOURCE_HASH:
-            warnings.warn(
-                f'mmpsa._ext was built from another version of {src} (hash '
-                f'{_ext.SOURCE_HASH}, source {digest}); the fused block runs as '
-                'plain autograd ops until it is rebuilt with `pip install '
-                '--no-build-isolation -e .` (or `make setup`).')
+            warnings.warn(f'mmpsa._ext was built from another version of {CSRC_DIR} (hash '
+                          f'{_ext.SOURCE_HASH}, source {digest}); the fused block runs as '
+                          'plain autograd ops until it is rebuilt with `pip install '
+                          '--no-build-isolation -e .` (or `make setup`).')
             return None
+    if tuple(_ext.PARAM_NAMES) != PARAM_NAMES:
+        raise RuntimeError(f'mmpsa._ext takes the parameters {tuple(_ext.PARAM_NAMES)}, PSAParams '
+                           f'lists {PARAM_NAMES}: mmpsa/csrc/psa_fused.h and psa_fused.py disagree')
     return _ext
 
 
 _EXT = _load_extension()
 
 
-def fused_function(x: Tensor, variant: str, sequential: bool, eps: float,
-                   params) -> List[Tensor]:
+def fused_function(x: Tensor, variant: str, sequential: bool, params: PSAParams) -> List[Tensor]:
     """The compiled autograd Function: ``[out, a_ch, a_sp]``.
 
     Args:
         x (Tensor): Input ``(B, C, H, W)``.
         variant (str): ``'paper'`` or ``'official'``.
         sequential (bool): Sequential (True) or parallel mode.
-        eps (float): The paper LayerNorm's eps, or official ``conv_up``'s (PSA_s).
-        params (sequence[Tensor]): In the order of :func:`_params`.
+        params (PSAParams): The block's parameters (:meth:`fused_params`).
 
     Returns:
         list[Tensor]: The output and the maps ``a_ch`` ``(B, C, 1, 1)`` and ``a_sp``
-        ``(B, 1, H, W)`` (non-differentiable: observation only).
+        ``(B, 1, H, W)``: in ``x``'s dtype, non-differentiable, and tensors of their
+        own (not views of what backward keeps), for the observation points.
     """
     if _EXT is None:
         raise RuntimeError('mmpsa._ext is not built; see the warning above')
-    return _EXT.fused_psa(x, variant == 'paper', sequential, eps, params)
+    return _EXT.fused_psa(x, variant == 'paper', sequential, params.ln_eps, params.tensors)
 
 
 def fused_forward(block, x: Tensor) -> Tensor:
     """Evaluate ``block`` (a PolarizedSelfAttention) on ``x`` the fused way."""
-    if (_EXT is None or torch.jit.is_tracing()
-            or torch.compiler.is_compiling() or x.numel() == 0):
-        return _plain(block, x)
+    params = block.fused_params()
     sequential = block.mode == 'sequential'
-    if block.variant == 'paper':
-        eps = block.ln.eps
+    if (_EXT is None or torch.jit.is_tracing() or torch.compiler.is_compiling() or x.numel() == 0):
+        out, a_ch, a_sp = _plain(x, block.variant == 'paper', sequential, params)
     else:
-        eps = block.conv_up[1].eps if sequential else 0.0
-    out, a_ch, a_sp = fused_function(x, block.variant, sequential, eps,
-                                     _params(block))
+        out, a_ch, a_sp = fused_function(x, block.variant, sequential, params)
     block.ch_attn(a_ch)
     block.sp_attn(a_sp)
     return out

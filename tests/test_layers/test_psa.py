@@ -320,41 +320,46 @@ def test_fused_half_inputs(variant, mode, fused_path):
         assert all(torch.isfinite(p.grad.float()).all() for p in half.parameters())
 
 
+def kernel_taken(x, params, **kw):
+    """Run the compiled Function on ``x``; whether it took the per-sample CPU kernel.
+
+    The kernel keeps x and one buffer for backward (besides the parameters); the ATen
+    path a dozen tensors. Returns ``(taken, a_ch)``.
+    """
+    param_ptrs = {p.data_ptr() for p in params.tensors if p is not None}
+    own = []
+
+    def pack(t):
+        if t.data_ptr() not in param_ptrs:
+            own.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        a_ch = psa_fused._EXT.fused_psa(x, True, False, params.ln_eps, params.tensors,
+                                        **kw)[1]
+    return len(own) <= 2, a_ch
+
+
 def test_cpu_kernel_is_taken_where_it_applies():
-    ext = psa_fused._EXT
     block = make('paper', 'parallel')
-    params = psa_fused._params(block)
+    params = block.fused_params()
     x = torch.randn(2, C, 6, 5)
-    with torch.no_grad():
-        a = ext.fused_psa(x, True, False, 1e-5, params)[1]
-        b = ext.fused_psa(x, True, False, 1e-5, params, cpu_kernel=False)[1]
-    # the CPU kernel keeps its saved vectors (the maps among them) in one buffer;
-    # the ATen path's maps are tensors of their own
-    assert a.untyped_storage().nbytes() > a.nbytes
-    assert b.untyped_storage().nbytes() == b.nbytes
+    taken_a, a = kernel_taken(x, params)
+    taken_b, b = kernel_taken(x, params, cpu_kernel=False)
+    assert taken_a and not taken_b
     assert max_rel_err(a, b) <= 1e-6
     # channels_last is not what the kernel reads: the ATen path takes it
-    xl = x.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        c = ext.fused_psa(xl, True, False, 1e-5, params)[1]
-    assert c.untyped_storage().nbytes() == c.nbytes
+    assert not kernel_taken(x.to(memory_format=torch.channels_last), params)[0]
 
 
 def test_cpu_kernel_size_rule():
     # one large image on two threads goes to ATen's multithreaded ops; a batch that
     # fills the threads, or at most 2^18 elements per sample, to the kernel
-    ext = psa_fused._EXT
-    params = psa_fused._params(make('paper', 'parallel', c=8))
+    params = make('paper', 'parallel', c=8).fused_params()
     torch.set_num_threads(2)
-
-    def kernel_taken(shape):
-        with torch.no_grad():
-            a_ch = ext.fused_psa(torch.randn(*shape), True, False, 1e-5, params)[1]
-        return a_ch.untyped_storage().nbytes() > a_ch.nbytes
-
-    assert kernel_taken((1, 8, 512, 64))  # 2^18 elements
-    assert not kernel_taken((1, 8, 512, 66))
-    assert kernel_taken((2, 8, 512, 66))
+    assert kernel_taken(torch.randn(1, 8, 512, 64), params)[0]  # 2^18 elements
+    assert not kernel_taken(torch.randn(1, 8, 512, 66), params)[0]
+    assert kernel_taken(torch.randn(2, 8, 512, 66), params)[0]
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
@@ -363,19 +368,16 @@ def test_fused_function_gradcheck(variant, mode):
     with torch.no_grad():  # perturb so no gradient is trivially zero
         for p in block.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    params = [p.detach().clone().requires_grad_()
-              for p in psa_fused._params(block)]
+    params = block.fused_params()
+    names = [k for k in psa_fused.PARAM_NAMES if getattr(params, k) is not None]
+    leaves = [getattr(params, k).detach().clone().requires_grad_() for k in names]
     x = torch.randn(2, 8, 3, 2, dtype=torch.float64, requires_grad=True)
 
-    def fn(x, *params):
-        if variant == 'official':
-            eps = 1e-5 if mode == 'sequential' else 0.0
-        else:
-            eps = block.ln.eps
-        return psa_fused.fused_function(x, variant, mode == 'sequential',
-                                        eps, params)[0]
+    def fn(x, *leaves):
+        prm = params._replace(**dict(zip(names, leaves)))
+        return psa_fused.fused_function(x, variant, mode == 'sequential', prm)[0]
 
-    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+    assert torch.autograd.gradcheck(fn, (x, *leaves), fast_mode=True)
 
 
 def test_compiled_extension_is_built_and_used():
@@ -391,8 +393,8 @@ def test_without_extension_runs_plain_ops(monkeypatch):
     for variant, mode in ALL:
         check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11)
     with pytest.raises(RuntimeError, match='not built'):
-        psa_fused.fused_function(torch.randn(1, 8, 2, 2), 'paper', False, 1e-5,
-                                 [])
+        psa_fused.fused_function(torch.randn(1, 8, 2, 2), 'paper', False,
+                                 make('paper', 'parallel', c=8).fused_params())
 
 
 def test_stale_extension_is_refused(monkeypatch):
