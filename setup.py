@@ -20,8 +20,10 @@ from typing import List
 
 HERE = Path(__file__).parent
 CSRC = 'mmpsa/csrc'
-# where the header with the sources' hash is generated (only psa_fused.cpp includes it,
-# so a change to one source recompiles that file and psa_fused.cpp, not all of them)
+# where the header with the sources' hash is generated: only psa_fused.cpp includes it (a
+# -D flag would change every file's command line), so where the build folder is kept
+# (`python setup.py build_ext --inplace`) a change to one source recompiles that file and
+# psa_fused.cpp; `pip install -e .` builds in a fresh folder and compiles them all
 GEN_DIR = HERE / 'build' / 'mmpsa_ext_gen'
 
 
