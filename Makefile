@@ -1,10 +1,10 @@
-# The two commands: `make demo` (the main job) and `make test` (the test suite).
+# The two commands: `make demo` (the main job) and `make test` (linters, then the test suite).
 # Both create/update the project virtualenv first (tools/setup_env.sh, idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -12,7 +12,11 @@ setup:
 demo: setup
 	$(PY) tools/demo.py
 
-test: setup
+# OpenMMLab's linters (flake8, isort, yapf) as local pre-commit hooks: the tree must be clean
+lint: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
