@@ -23,7 +23,7 @@ backbone's own ``init_weights``; stage freezing leaves the ``psa`` children alon
 """
 import copy
 import functools
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from mmengine.model import initialize
@@ -67,8 +67,9 @@ def residual_stages(backbone: nn.Module) -> List[List[nn.Module]]:
     res_layers = getattr(backbone, 'res_layers', None)
     if isinstance(res_layers, (list, tuple)) and res_layers:
         containers = [[getattr(backbone, name)] for name in res_layers]
-    elif all(isinstance(getattr(backbone, name, None), nn.Module)
-             for name in ('layer1', 'stage2', 'stage3', 'stage4')):
+    elif all(
+            isinstance(getattr(backbone, name, None), nn.Module)
+            for name in ('layer1', 'stage2', 'stage3', 'stage4')):
         containers = [[backbone.layer1]]
         for i in (2, 3, 4):
             containers.append([
@@ -76,9 +77,8 @@ def residual_stages(backbone: nn.Module) -> List[List[nn.Module]]:
                 for branch in getattr(hr_module, 'branches', ())
             ])
     else:
-        raise ValueError(
-            f'psa: {type(backbone).__name__} has no residual stages (a ResNet with '
-            f'`res_layers` or an HRNet with layer1/stage2-4), got {type(backbone)!r}')
+        raise ValueError(f'psa: {type(backbone).__name__} has no residual stages (a ResNet with '
+                         f'`res_layers` or an HRNet with layer1/stage2-4), got {type(backbone)!r}')
     return [[block for c in stage for block in _blocks_in(c)] for stage in containers]
 
 
@@ -98,8 +98,9 @@ def backbone_out_channels(backbone: nn.Module) -> Optional[List[int]]:
         # mmpose keeps the block expansion on the backbone, mmseg on the block class
         expansion = getattr(backbone, 'expansion', None) or getattr(backbone.block, 'expansion', 1)
         base = getattr(backbone, 'base_channels', 64)
-        return [base * 2**i * expansion for i in range(len(res_layers))
-                if i in backbone.out_indices]
+        return [
+            base * 2**i * expansion for i in range(len(res_layers)) if i in backbone.out_indices
+        ]
     stage4 = getattr(backbone, 'stage4', None)
     if isinstance(stage4, nn.Sequential) and len(stage4) and hasattr(stage4[-1], 'in_channels'):
         last = stage4[-1]  # its in_channels already include the block expansion
@@ -204,8 +205,10 @@ def init_psa(module: nn.Module, seed: int) -> None:
         seed: Seed for the CPU generator and the CUDA generators of the PSAs' devices.
     """
     layers = psa_modules(module)
-    cuda_ids = sorted({p.device.index for m in layers for p in m.parameters()
-                       if p.device.type == 'cuda'})
+    cuda_ids = sorted(
+        {p.device.index
+         for m in layers
+         for p in m.parameters() if p.device.type == 'cuda'})
     with torch.random.fork_rng(devices=cuda_ids):
         torch.default_generator.manual_seed(seed)
         for i in cuda_ids:
@@ -239,8 +242,7 @@ class PSABackboneMixin:
       and train/eval mode, so a PSA is never frozen at its random init.
     """
 
-    def __init__(self, *args: Any, psa: Optional[Mapping[str, Any]] = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, psa: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if psa is not None:
             insert_psa(self, psa)

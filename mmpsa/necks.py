@@ -95,8 +95,7 @@ class PSANeck(BaseModule):
                 f'PSANeck: in_channels does not match {source}, whose feature maps have '
                 f'channels {channels}; got in_channels={self.in_channels!r}')
 
-    def forward(self, inputs: Union[Tensor, Sequence[Tensor]]
-                ) -> Union[Tensor, Tuple[Tensor, ...]]:
+    def forward(self, inputs: Union[Tensor, Sequence[Tensor]]) -> Union[Tensor, Tuple[Tensor, ...]]:
         """Apply level ``i``'s block to ``inputs[i]``.
 
         Args:

@@ -18,10 +18,9 @@ from mmpsa.checkpoint import (CheckpointReadError, check_checkpoint_file, histor
 
 # Globals that run code or reach arbitrary attributes: none may be allowed.
 DANGEROUS = {
-    'builtins.eval', 'builtins.exec', 'builtins.compile',
-    'builtins.__import__', 'builtins.open', 'builtins.setattr', 'builtins.globals',
-    'builtins.type', 'posix.system', 'os.system', 'subprocess.Popen',
-    'functools.partial', 'operator.attrgetter', 'operator.methodcaller',
+    'builtins.eval', 'builtins.exec', 'builtins.compile', 'builtins.__import__', 'builtins.open',
+    'builtins.setattr', 'builtins.globals', 'builtins.type', 'posix.system', 'os.system',
+    'subprocess.Popen', 'functools.partial', 'operator.attrgetter', 'operator.methodcaller',
     'importlib.import_module', 'pickle.loads', 'numpy.load', 'numpy.core.multiarray.frombuffer'
 }
 
@@ -54,8 +53,7 @@ def test_getattr_substitute_resolves_only_statistics_methods():
     assert history_buffer_getattr(HistoryBuffer, 'min') is HistoryBuffer.min
     assert history_buffer_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
     for obj, name in [(os, 'system'), (HistoryBuffer, 'register_statistics'),
-                      (HistoryBuffer, '__init__'), (HistoryBuffer, '__class__'),
-                      (np, 'load')]:
+                      (HistoryBuffer, '__init__'), (HistoryBuffer, '__class__'), (np, 'load')]:
         with pytest.raises(pickle.UnpicklingError, match='refused'):
             history_buffer_getattr(obj, name)
 
@@ -66,12 +64,19 @@ def test_message_hub_like_state_round_trips(tmp_path: Path):
     buf.update(0.5)
     buf.update(0.25)
     ckpt = {
-        'meta': {'seed': 1, 'dataset_meta': {
-            'flip_indices': np.array([0, 2, 1], dtype=np.int64),
-            'weights': np.array([1.0, 1.5], dtype=np.float32),
-            'palette': np.zeros((2, 3), dtype=np.uint8),
-            'dtype': np.dtype('uint8'), 'scalar': np.float64(2.5)}},
-        'message_hub': {'log_scalars': OrderedDict(loss=buf)},
+        'meta': {
+            'seed': 1,
+            'dataset_meta': {
+                'flip_indices': np.array([0, 2, 1], dtype=np.int64),
+                'weights': np.array([1.0, 1.5], dtype=np.float32),
+                'palette': np.zeros((2, 3), dtype=np.uint8),
+                'dtype': np.dtype('uint8'),
+                'scalar': np.float64(2.5)
+            }
+        },
+        'message_hub': {
+            'log_scalars': OrderedDict(loss=buf)
+        },
         'state_dict': OrderedDict(w=torch.ones(2)),
     }
     path = tmp_path / 'hub.pth'

@@ -35,6 +35,7 @@ class Basic(nn.Module):
         self.with_cp = with_cp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+
         def inner(x):
             out = self.relu(self.bn1(self.conv1(x)))
             return self.bn2(self.conv2(out)) + x
@@ -76,6 +77,7 @@ class ToyResNet(nn.Module):
 
 
 class HRModuleLike(nn.Module):
+
     def __init__(self, widths) -> None:
         super().__init__()
         self.branches = nn.ModuleList(nn.Sequential(Basic(w, w)) for w in widths)
@@ -118,8 +120,11 @@ def test_insertion_imports_neither_mmseg_nor_mmpose():
             'import torch, mmpsa.insertion as ins\n'
             'assert not [m for m in sys.modules if m.startswith(("mmseg.", "mmpose."))]\n'
             'print(len(ins.PSA_KEYS))\n')
-    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, '-c', code],
+                         cwd=REPO,
+                         capture_output=True,
+                         text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(len(PSA_KEYS))
 
@@ -132,8 +137,8 @@ def test_resnet_placement_names_and_channels():
         nxt = block.conv3 if hasattr(block, 'conv3') else block.conv2
         assert isinstance(block.psa, PolarizedSelfAttention)
         assert block.psa.in_channels == nxt.in_channels  # 8 (Bottle), 12 (Basic)
-        assert (block.psa.mode, block.psa.variant, block.psa.fused) == (
-            'sequential', 'official', True)
+        assert (block.psa.mode, block.psa.variant, block.psa.fused) == ('sequential', 'official',
+                                                                        True)
         assert _hooked(nxt) and not _hooked(block.conv1)
     assert not _hooked(net.layer1[0].conv2)  # a Bottleneck's PSA feeds conv3 only
     assert not _hooked(net.conv1) and not hasattr(net, 'psa')
@@ -145,8 +150,8 @@ def test_psa_feeds_the_next_conv():
     insert_psa(net, dict(fused=False))
     block = net.layer2[0]
     seen = {}
-    block.psa.register_forward_hook(lambda m, a, out: seen.update(psa_in=a[0].clone(),
-                                                                  psa_out=out.clone()))
+    block.psa.register_forward_hook(
+        lambda m, a, out: seen.update(psa_in=a[0].clone(), psa_out=out.clone()))
     block.conv2.register_forward_hook(lambda m, a, out: seen.update(conv_in=a[0].clone()))
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():

@@ -88,8 +88,9 @@ def test_parameter_counts_are_the_models():
         key = repr(stock.to_dict() if hasattr(stock, 'to_dict') else stock)
         if key not in stock_params:
             stock_params[key] = _params(cfg, stock)
-        assert (md['Parameters (M)'], md['Stock Parameters (M)']) == (
-            _millions(_params(cfg, cfg.model)), _millions(stock_params[key])), config
+        assert (md['Parameters (M)'],
+                md['Stock Parameters (M)']) == (_millions(_params(cfg, cfg.model)),
+                                                _millions(stock_params[key])), config
 
 
 @pytest.mark.parametrize('config, literal_too', [

@@ -13,8 +13,9 @@ from mmpsa.necks import PSANeck
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = [8, 16, 24, 32]
-PSA_ARGS = [dict(mode=m, variant=v) for m in ('parallel', 'sequential')
-            for v in ('paper', 'official')]
+PSA_ARGS = [
+    dict(mode=m, variant=v) for m in ('parallel', 'sequential') for v in ('paper', 'official')
+]
 PSA_IDS = [f"{a['mode']}-{a['variant']}" for a in PSA_ARGS]
 
 
@@ -28,8 +29,8 @@ def one_thread():
 
 def _features(levels=LEVELS, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, c, 16 // 2**i, 12 // 2**i, generator=g)
-                 for i, c in enumerate(levels))
+    return tuple(
+        torch.randn(batch, c, 16 // 2**i, 12 // 2**i, generator=g) for i, c in enumerate(levels))
 
 
 @pytest.mark.parametrize('psa', PSA_ARGS, ids=PSA_IDS)
@@ -113,7 +114,10 @@ def test_neck_imports_neither_mmseg_nor_mmpose():
             'assert not [m for m in sys.modules if m.startswith(("mmseg.", "mmpose."))]\n'
             'neck = MODELS.build(dict(type="PSANeck", in_channels=[8]))\n'
             'print(tuple(neck(torch.randn(1, 8, 4, 4)).shape))\n')
-    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, '-c', code],
+                         cwd=REPO,
+                         capture_output=True,
+                         text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == '(1, 8, 4, 4)'

@@ -94,10 +94,9 @@ def _check_toolchain() -> None:
         try:
             __import__(mod)
         except ImportError:
-            raise SystemExit(
-                f'build_mmcv: python module {mod!r} is missing; mmcv builds '
-                "with --no-build-isolation and needs 'ninja' and a setuptools "
-                "that ships pkg_resources ('setuptools>=77,<81')")
+            raise SystemExit(f'build_mmcv: python module {mod!r} is missing; mmcv builds '
+                             "with --no-build-isolation and needs 'ninja' and a setuptools "
+                             "that ships pkg_resources ('setuptools>=77,<81')")
 
 
 def _check_disk(path: Path) -> None:
@@ -109,19 +108,17 @@ def _check_disk(path: Path) -> None:
 
 def _run_with_progress(cmd: List[str], env: dict, log_path: Path) -> None:
     """Run ``cmd``, show ninja's ``[i/n]`` progress, keep the full log."""
-    print(f'build_mmcv: {" ".join(cmd)}\nbuild_mmcv: full log in {log_path}',
-          flush=True)
+    print(f'build_mmcv: {" ".join(cmd)}\nbuild_mmcv: full log in {log_path}', flush=True)
     progress = re.compile(r'^\s*\[(\d+)/(\d+)\]')
     with open(log_path, 'w') as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             match = progress.match(line)
             if match:
-                print(f'build_mmcv: compiling {match.group(1)}/{match.group(2)}',
-                      flush=True)
+                print(f'build_mmcv: compiling {match.group(1)}/{match.group(2)}', flush=True)
         code = proc.wait()
     if code != 0:
         tail = log_path.read_text(errors='ignore').splitlines()[-40:]
@@ -135,8 +132,8 @@ def _run_with_progress(cmd: List[str], env: dict, log_path: Path) -> None:
             hints.append('torch needs C++20 but the build used an older standard')
         if 'Killed' in text or 'out of memory' in text.lower():
             hints.append('the compiler ran out of memory: lower MAX_JOBS')
-        raise SystemExit('build_mmcv: build failed (exit %d)%s\n--- last lines ---\n%s'
-                         % (code, ': ' + '; '.join(hints) if hints else '', text))
+        raise SystemExit('build_mmcv: build failed (exit %d)%s\n--- last lines ---\n%s' %
+                         (code, ': ' + '; '.join(hints) if hints else '', text))
 
 
 def build(mmcv_version: str, jobs: int) -> Path:
@@ -152,9 +149,11 @@ def build(mmcv_version: str, jobs: int) -> Path:
         _check_disk(tmp_path)
         print(f'build_mmcv: downloading mmcv=={mmcv_version} sdist', flush=True)
         subprocess.run([
-            sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation', '--no-binary',
-            ':all:', '-q', '-d', str(tmp_path), f'mmcv=={mmcv_version}'
-        ], check=True)
+            sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-build-isolation',
+            '--no-binary', ':all:', '-q', '-d',
+            str(tmp_path), f'mmcv=={mmcv_version}'
+        ],
+                       check=True)
         sdists = list(tmp_path.glob('mmcv-*.tar.gz'))
         if len(sdists) != 1:
             raise SystemExit(f'build_mmcv: expected one sdist, got {sdists}')
@@ -165,13 +164,16 @@ def build(mmcv_version: str, jobs: int) -> Path:
         text = setup_py.read_text()
         patched = re.sub(r'-std=c\+\+\d+', f'-std=c++{cxx}', text)
         setup_py.write_text(patched)
-        print(f'build_mmcv: C++ standard c++{cxx}; ops: '
-              f'{"CPU + CUDA" if will_build_cuda() else "CPU only"}', flush=True)
+        print(
+            f'build_mmcv: C++ standard c++{cxx}; ops: '
+            f'{"CPU + CUDA" if will_build_cuda() else "CPU only"}',
+            flush=True)
         env = dict(os.environ, MMCV_WITH_OPS='1', MAX_JOBS=str(jobs))
         wheel_dir = tmp_path / 'dist'
         _run_with_progress([
-            sys.executable, '-m', 'pip', 'wheel', '--no-build-isolation',
-            '--no-deps', '-v', '-w', str(wheel_dir), str(src)
+            sys.executable, '-m', 'pip', 'wheel', '--no-build-isolation', '--no-deps', '-v', '-w',
+            str(wheel_dir),
+            str(src)
         ], env, out_dir / f'build-mmcv-{mmcv_version}-{tag}.log')
         built = list(wheel_dir.glob('mmcv-*.whl'))
         if len(built) != 1:
@@ -188,16 +190,18 @@ def build(mmcv_version: str, jobs: int) -> Path:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--version', default=DEFAULT_VERSION,
-                        help='mmcv version (default: %(default)s)')
-    parser.add_argument('--install', action='store_true',
-                        help='pip install the (cached or new) wheel')
-    parser.add_argument('--print-path', action='store_true',
-                        help='print the cached wheel path and exit (1 if none)')
-    parser.add_argument('--rebuild', action='store_true',
-                        help='build even if a cached wheel exists')
-    parser.add_argument('--jobs', type=int, default=os.cpu_count() or 1,
-                        help='parallel compile jobs (MAX_JOBS)')
+    parser.add_argument(
+        '--version', default=DEFAULT_VERSION, help='mmcv version (default: %(default)s)')
+    parser.add_argument(
+        '--install', action='store_true', help='pip install the (cached or new) wheel')
+    parser.add_argument(
+        '--print-path',
+        action='store_true',
+        help='print the cached wheel path and exit (1 if none)')
+    parser.add_argument(
+        '--rebuild', action='store_true', help='build even if a cached wheel exists')
+    parser.add_argument(
+        '--jobs', type=int, default=os.cpu_count() or 1, help='parallel compile jobs (MAX_JOBS)')
     return parser.parse_args(argv)
 
 
@@ -216,8 +220,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         print(f'build_mmcv: reusing {wheel}', flush=True)
     if args.install:
-        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',
-                        '--no-deps', '--force-reinstall', str(wheel)], check=True)
+        subprocess.run([
+            sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--force-reinstall',
+            str(wheel)
+        ],
+                       check=True)
         print(f'build_mmcv: installed {wheel.name}', flush=True)
 
 

@@ -21,28 +21,46 @@ from mmpsa.apis.complexity import as_records, compare_many, format_table
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('configs', nargs='+', help='config files')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help='input height and width (default: each config\'s own)')
-    parser.add_argument('--stock', help='explicit stock config to compare with (default: '
-                        'the config with its PSA parts stripped); scope::path allowed')
-    parser.add_argument('--literal', action='store_true',
-                        help='count the literal form of each PSA block (the paper\'s and the '
-                        'released code\'s) instead of the fused evaluation that runs here')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs=2,
+        metavar=('H', 'W'),
+        help='input height and width (default: each config\'s own)')
+    parser.add_argument(
+        '--stock',
+        help='explicit stock config to compare with (default: '
+        'the config with its PSA parts stripped); scope::path allowed')
+    parser.add_argument(
+        '--literal',
+        action='store_true',
+        help='count the literal form of each PSA block (the paper\'s and the '
+        'released code\'s) instead of the fused evaluation that runs here')
     parser.add_argument('--json', help='also write the records to this JSON file')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='overrides merged into every config, key=value')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='overrides merged into every config, key=value')
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     rows = []
-    for i, row in enumerate(compare_many(args.configs, stock=args.stock, input_hw=args.shape,
-                                         cfg_options=args.cfg_options,
-                                         literal=args.literal), 1):
-        print(f'[{i}/{len(args.configs)}] {row.config}: {row.psa.params / 1e6:.2f} M params, '
-              f'{row.psa.flops / 1e9:.2f} GFLOPs ({row.extra_params / 1e6:+.2f} M, '
-              f'{row.extra_flops / 1e9:+.2f} G vs stock)', file=sys.stderr, flush=True)
+    for i, row in enumerate(
+            compare_many(
+                args.configs,
+                stock=args.stock,
+                input_hw=args.shape,
+                cfg_options=args.cfg_options,
+                literal=args.literal), 1):
+        print(
+            f'[{i}/{len(args.configs)}] {row.config}: {row.psa.params / 1e6:.2f} M params, '
+            f'{row.psa.flops / 1e9:.2f} GFLOPs ({row.extra_params / 1e6:+.2f} M, '
+            f'{row.extra_flops / 1e9:+.2f} G vs stock)',
+            file=sys.stderr,
+            flush=True)
         rows.append(row)
     print(format_table(rows))
     if args.json:

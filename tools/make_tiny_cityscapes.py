@@ -13,8 +13,11 @@ from mmpsa.datasets.cityscapes_tiny import make_tiny_cityscapes
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('out', nargs='?', default='data/tiny_cityscapes',
-                        help='data root to write (default: data/tiny_cityscapes)')
+    parser.add_argument(
+        'out',
+        nargs='?',
+        default='data/tiny_cityscapes',
+        help='data root to write (default: data/tiny_cityscapes)')
     parser.add_argument('--num-train', type=int, default=12, help='training frames')
     parser.add_argument('--num-val', type=int, default=4, help='validation frames')
     parser.add_argument('--height', type=int, default=128, help='frame height')
@@ -25,8 +28,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    written = make_tiny_cityscapes(args.out, num_train=args.num_train, num_val=args.num_val,
-                                   size=(args.height, args.width), seed=args.seed)
+    written = make_tiny_cityscapes(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        size=(args.height, args.width),
+        seed=args.seed)
     for split, paths in written.items():
         print(f'{split}: {len(paths)} frames under {args.out}/leftImg8bit/{split}')
 

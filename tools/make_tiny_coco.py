@@ -12,8 +12,8 @@ from mmpsa.datasets.coco_tiny import make_tiny_coco
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('out', nargs='?', default='data/tiny_coco',
-                        help='output folder (default: data/tiny_coco)')
+    parser.add_argument(
+        'out', nargs='?', default='data/tiny_coco', help='output folder (default: data/tiny_coco)')
     parser.add_argument('--num-train', type=int, default=96, help='training images')
     parser.add_argument('--num-val', type=int, default=24, help='validation images')
     parser.add_argument('--seed', type=int, default=0, help='dataset seed')
@@ -24,8 +24,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    files = make_tiny_coco(args.out, num_train=args.num_train, num_val=args.num_val,
-                           seed=args.seed, width=args.width, height=args.height)
+    files = make_tiny_coco(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        width=args.width,
+        height=args.height)
     for split, path in files.items():
         print(f'{split}: {path}')
 

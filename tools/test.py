@@ -43,8 +43,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Entry point."""
     args = parse_args(argv)
     try:
-        test(args.config, args.checkpoint, work_dir=args.work_dir, out=args.out,
-             cfg_options=args.cfg_options, launcher=args.launcher)
+        test(
+            args.config,
+            args.checkpoint,
+            work_dir=args.work_dir,
+            out=args.out,
+            cfg_options=args.cfg_options,
+            launcher=args.launcher)
     except (LaunchError, CheckpointReadError) as err:
         sys.exit(f'error: {err}')
 

@@ -46,8 +46,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Entry point."""
     args = parse_args(argv)
     try:
-        train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
-              cfg_options=args.cfg_options, launcher=args.launcher)
+        train(
+            args.config,
+            work_dir=args.work_dir,
+            resume=args.resume,
+            amp=args.amp,
+            cfg_options=args.cfg_options,
+            launcher=args.launcher)
     except (LaunchError, CheckpointReadError) as err:
         sys.exit(f'error: {err}')
 

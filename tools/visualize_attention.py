@@ -17,8 +17,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('images', nargs='+', help='image files')
     parser.add_argument('--out-dir', default='outputs/attention', help='where PNGs go')
     parser.add_argument('--blocks', help='regex selecting PSA blocks by module name')
-    parser.add_argument('--num-blocks', type=int, default=4,
-                        help='without --blocks, how many blocks (spread) to draw')
+    parser.add_argument(
+        '--num-blocks',
+        type=int,
+        default=4,
+        help='without --blocks, how many blocks (spread) to draw')
     parser.add_argument('--device', default='cpu')
     return parser.parse_args(argv)
 
@@ -26,8 +29,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     checkpoint = None if args.checkpoint.lower() == 'none' else args.checkpoint
-    for path in visualize_attention(args.config, checkpoint, args.images, args.out_dir,
-                                    args.blocks, args.num_blocks, args.device):
+    for path in visualize_attention(args.config, checkpoint, args.images, args.out_dir, args.blocks,
+                                    args.num_blocks, args.device):
         print(path)
 
 

@@ -22,12 +22,10 @@ from mmpsa.layers import PolarizedSelfAttention
 
 def psa_blocks(model: nn.Module) -> Dict[str, PolarizedSelfAttention]:
     """All PSA blocks of ``model`` by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, PolarizedSelfAttention)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, PolarizedSelfAttention)}
 
 
-def select_blocks(names: Sequence[str], pattern: Optional[str] = None,
-                  num: int = 4) -> List[str]:
+def select_blocks(names: Sequence[str], pattern: Optional[str] = None, num: int = 4) -> List[str]:
     """Pick the blocks to draw.
 
     Args:
@@ -53,8 +51,8 @@ def select_blocks(names: Sequence[str], pattern: Optional[str] = None,
 
 
 @contextmanager
-def capture_attention(model: nn.Module, names: Sequence[str]
-                      ) -> Iterator[Dict[str, Dict[str, torch.Tensor]]]:
+def capture_attention(model: nn.Module,
+                      names: Sequence[str]) -> Iterator[Dict[str, Dict[str, torch.Tensor]]]:
     """Record ``a_ch``, ``a_sp`` of the named blocks and the backbone input.
 
     Yields a dict filled during the forward passes run inside the ``with``:
@@ -66,8 +64,10 @@ def capture_attention(model: nn.Module, names: Sequence[str]
     handles = []
 
     def keep(block: str, key: str):
+
         def hook(_module, _inputs, output):
             maps.setdefault(block, {})[key] = output.detach().float().cpu()
+
         return hook
 
     for name in names:
@@ -77,8 +77,10 @@ def capture_attention(model: nn.Module, names: Sequence[str]
         handles.append(blocks[name].sp_attn.register_forward_hook(keep(name, 'a_sp')))
     backbone = getattr(model, 'backbone', None)
     if backbone is not None:
+
         def keep_input(_module, args):
             maps['__input__'] = {'image': args[0].detach().float().cpu()}
+
         handles.append(backbone.register_forward_pre_hook(keep_input))
     try:
         yield maps
@@ -99,8 +101,11 @@ def _denormalize(image: torch.Tensor, model: nn.Module) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def draw_attention(image: np.ndarray, maps: Dict[str, Dict[str, torch.Tensor]],
-                   names: Sequence[str], out_file: Path, title: str = '') -> Path:
+def draw_attention(image: np.ndarray,
+                   maps: Dict[str, Dict[str, torch.Tensor]],
+                   names: Sequence[str],
+                   out_file: Path,
+                   title: str = '') -> Path:
     """Write one PNG: per block, ``a_sp`` over the image and the ``a_ch`` strip.
 
     Args:
@@ -118,8 +123,8 @@ def draw_attention(image: np.ndarray, maps: Dict[str, Dict[str, torch.Tensor]],
     import matplotlib.pyplot as plt
 
     rows = len(names)
-    fig, axes = plt.subplots(rows, 2, figsize=(9, 2.6 * rows), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[1.4, 1]))
+    fig, axes = plt.subplots(
+        rows, 2, figsize=(9, 2.6 * rows), squeeze=False, gridspec_kw=dict(width_ratios=[1.4, 1]))
     h, w = image.shape[:2]
     for row, name in enumerate(names):
         a_sp = maps[name]['a_sp'][0:1]
@@ -155,8 +160,12 @@ def _scope_of(config) -> str:
     return scope
 
 
-def visualize_attention(config, checkpoint: Optional[str], images: Sequence[str],
-                        out_dir: str, blocks: Optional[str] = None, num_blocks: int = 4,
+def visualize_attention(config,
+                        checkpoint: Optional[str],
+                        images: Sequence[str],
+                        out_dir: str,
+                        blocks: Optional[str] = None,
+                        num_blocks: int = 4,
                         device: str = 'cpu') -> List[Path]:
     """Run a seg or pose model on images and draw its PSA attention maps.
 
@@ -192,6 +201,6 @@ def visualize_attention(config, checkpoint: Optional[str], images: Sequence[str]
                 run(str(path))
         image = _denormalize(maps['__input__']['image'][0], model)
         out = Path(out_dir) / f'{Path(path).stem}_attention.png'
-        written.append(draw_attention(image, maps, names, out,
-                                      title=f'{Path(path).name} ({scope})'))
+        written.append(
+            draw_attention(image, maps, names, out, title=f'{Path(path).name} ({scope})'))
     return written

@@ -125,8 +125,7 @@ def strip_psa(model_cfg: dict) -> dict:
             plugins = node.get('plugins')
             if isinstance(plugins, (list, tuple)):
                 node['plugins'] = [
-                    p for p in plugins
-                    if _type_name(p.get('cfg') if isinstance(p, dict) else None)
+                    p for p in plugins if _type_name(p.get('cfg') if isinstance(p, dict) else None)
                     != 'PolarizedSelfAttention'
                 ] or None
             for value in node.values():
@@ -188,7 +187,9 @@ def measure(cfg: Config,
                 block.fused = False
     with torch.no_grad(), _quiet_analysis():
         info = get_model_complexity_info(
-            _TensorForward(model), inputs=(torch.rand(1, 3, h, w), ), show_table=False,
+            _TensorForward(model),
+            inputs=(torch.rand(1, 3, h, w), ),
+            show_table=False,
             show_arch=False)
     return Complexity(params=int(info['params']), flops=int(info['flops']), input_shape=(3, h, w))
 
@@ -225,8 +226,12 @@ def compare(config: ConfigLike,
         if _cache is not None:
             _cache[key] = base
     name = (config.filename or 'config') if isinstance(config, Config) else str(config)
-    return Comparison(config=name, psa=psa, stock=base, stock_from=stock_from,
-                      psa_form='literal' if literal else 'fused')
+    return Comparison(
+        config=name,
+        psa=psa,
+        stock=base,
+        stock_from=stock_from,
+        psa_form='literal' if literal else 'fused')
 
 
 def compare_many(configs: Iterable[ConfigLike], **kwargs: Any) -> Iterable[Comparison]:

@@ -40,8 +40,7 @@ class LaunchError(RuntimeError):
     """A run that cannot start as asked; the message says why and what to do."""
 
 
-def load_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]] = None
-                ) -> Config:
+def load_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]] = None) -> Config:
     """Load a config and merge ``--cfg-options`` into it.
 
     Args:
@@ -113,8 +112,10 @@ def set_amp(cfg: Config) -> None:
             "mmengine's AmpOptimWrapper refuses to run without one. Train without --amp.")
     wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if wrapper_type == 'AmpOptimWrapper':
-        print_log('AMP training is already enabled in the config.', logger='current',
-                  level=logging.WARNING)
+        print_log(
+            'AMP training is already enabled in the config.',
+            logger='current',
+            level=logging.WARNING)
     elif wrapper_type != 'OptimWrapper':
         raise LaunchError(f'--amp works with the stock OptimWrapper, got {wrapper_type!r}')
     else:

@@ -21,8 +21,7 @@ import numpy as np
 #: Cityscapes train ids of the classes drawn (the other ten of the 19 never appear).
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR = 0, 1, 2, 5, 7, 8, 10, 11, 13
 IGNORE = 255
-USED_CLASSES: Tuple[int, ...] = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON,
-                                 CAR)
+USED_CLASSES: Tuple[int, ...] = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR)
 
 # class -> (base RGB colour, texture noise amplitude)
 _STYLE: Dict[int, Tuple[Tuple[int, int, int], float]] = {
@@ -59,8 +58,8 @@ def _rect(shape: Tuple[int, int], y0: float, y1: float, x0: float, x1: float) ->
     return mask
 
 
-def render_scene(rng: np.random.Generator,
-                 size: Tuple[int, int] = (128, 256)) -> Tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, size: Tuple[int, int] = (128, 256)) -> Tuple[np.ndarray, np.ndarray]:
     """Draw one street scene.
 
     Args:
@@ -92,7 +91,7 @@ def render_scene(rng: np.random.Generator,
             # a tree: a blotchy crown over a hedge that fills the block below the horizon
             cy, cx = (top + ground) / 2, x + bw / 2
             ry, rx = (ground - top) / 2, bw / 2
-            crown = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+            crown = ((yy - cy) / ry)**2 + ((xx - cx) / rx)**2 < 1.0
             _paint(img, label, block & (crown | (yy >= horizon)), VEGETATION, rng)
         else:
             _paint(img, label, block, BUILDING, rng)
@@ -138,9 +137,8 @@ def render_scene(rng: np.random.Generator,
         side = rng.choice([-1.0, 1.0])
         tt = (fy - ground) / max(h - ground, 1)
         fx = vanish + side * (0.06 * w + tt * half_bottom + rng.uniform(4, 20))
-        body = (((yy - (fy - ph * 0.4)) / (ph * 0.4)) ** 2
-                + ((xx - fx) / (ph * 0.14)) ** 2) < 1.0
-        head = ((yy - (fy - ph * 0.88)) ** 2 + (xx - fx) ** 2) < (ph * 0.1) ** 2
+        body = (((yy - (fy - ph * 0.4)) / (ph * 0.4))**2 + ((xx - fx) / (ph * 0.14))**2) < 1.0
+        head = ((yy - (fy - ph * 0.88))**2 + (xx - fx)**2) < (ph * 0.1)**2
         _paint(img, label, body | head, PERSON, rng)
 
     # Cars on the road: a body, a dark window strip, two dark wheels.
@@ -154,7 +152,7 @@ def render_scene(rng: np.random.Generator,
         _paint(img, label, car, CAR, rng)
         img[car & (yy < by - ch * 0.6) & (np.abs(xx - cx) < cw * 0.35)] *= 0.45
         for wx in (cx - cw * 0.3, cx + cw * 0.3):
-            wheel = ((yy - by) ** 2 + (xx - wx) ** 2) < (ch * 0.22) ** 2
+            wheel = ((yy - by)**2 + (xx - wx)**2) < (ch * 0.22)**2
             img[wheel & car] = 25.0
 
     # Half the frames show the ego vehicle's bonnet, which Cityscapes ignores.

@@ -32,20 +32,25 @@ import numpy as np
 
 __all__ = ['COCO_KEYPOINTS', 'COCO_SKELETON', 'joint_colour', 'make_tiny_coco', 'render_image']
 
-COCO_KEYPOINTS = (
-    'nose', 'left_eye', 'right_eye', 'left_ear', 'right_ear', 'left_shoulder',
-    'right_shoulder', 'left_elbow', 'right_elbow', 'left_wrist', 'right_wrist',
-    'left_hip', 'right_hip', 'left_knee', 'right_knee', 'left_ankle', 'right_ankle')
+COCO_KEYPOINTS = ('nose', 'left_eye', 'right_eye', 'left_ear', 'right_ear', 'left_shoulder',
+                  'right_shoulder', 'left_elbow', 'right_elbow', 'left_wrist', 'right_wrist',
+                  'left_hip', 'right_hip', 'left_knee', 'right_knee', 'left_ankle', 'right_ankle')
 # COCO's person skeleton, 1-based keypoint indices as in person_keypoints_*.json.
-COCO_SKELETON = (
-    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8),
-    (7, 9), (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))
+COCO_SKELETON = ((16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8),
+                 (7, 9), (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))
 
 # One BGR marker colour per joint type; a left/right pair shares its colour.
 _JOINT_COLOURS = {
-    'nose': (0, 0, 255), 'eye': (255, 0, 255), 'ear': (0, 140, 255),
-    'shoulder': (0, 255, 255), 'elbow': (0, 255, 0), 'wrist': (255, 255, 0),
-    'hip': (255, 0, 0), 'knee': (160, 0, 255), 'ankle': (255, 255, 255)}
+    'nose': (0, 0, 255),
+    'eye': (255, 0, 255),
+    'ear': (0, 140, 255),
+    'shoulder': (0, 255, 255),
+    'elbow': (0, 255, 0),
+    'wrist': (255, 255, 0),
+    'hip': (255, 0, 0),
+    'knee': (160, 0, 255),
+    'ankle': (255, 255, 255)
+}
 _FACE = frozenset(range(5))
 _SPLITS = {'train': 0, 'val': 1}
 _OCCLUDER = 255  # owner id of occluder pixels
@@ -87,8 +92,8 @@ def _pose(rng: np.random.Generator, pelvis: np.ndarray,
     for s, (eye, ear) in ((1, (1, 3)), (-1, (2, 4))):
         kpts[eye] = head + (0.025 * s + 0.03 * yaw) * h * side + 0.02 * h * up
         kpts[ear] = head + (0.062 * s + 0.01 * yaw) * h * side
-    for s, (sho, elb, wri, hip, kne, ank) in ((1, (5, 7, 9, 11, 13, 15)),
-                                              (-1, (6, 8, 10, 12, 14, 16))):
+    for s, (sho, elb, wri, hip, kne, ank) in ((1, (5, 7, 9, 11, 13, 15)), (-1, (6, 8, 10, 12, 14,
+                                                                                16))):
         kpts[sho] = neck + 0.11 * h * s * side
         upper = rng.uniform(0.1, 2.6)
         fore = upper + rng.uniform(-2.2, 0.4)
@@ -102,8 +107,8 @@ def _pose(rng: np.random.Generator, pelvis: np.ndarray,
     return kpts, head, yaw
 
 
-def _draw_figure(canvases: Sequence[Tuple[np.ndarray, object]], kpts: np.ndarray,
-                 head: np.ndarray, height: float, colours: Dict[str, tuple]) -> None:
+def _draw_figure(canvases: Sequence[Tuple[np.ndarray, object]], kpts: np.ndarray, head: np.ndarray,
+                 height: float, colours: Dict[str, tuple]) -> None:
     """Draw a figure's body (no markers) on each ``(canvas, colour-or-key)`` pair.
 
     A canvas paired with ``None`` is painted in ``colours`` (anti-aliased); one paired
@@ -116,27 +121,25 @@ def _draw_figure(canvases: Sequence[Tuple[np.ndarray, object]], kpts: np.ndarray
         aa = cv2.LINE_AA if fill is None else cv2.LINE_8
         for chain in ((11, 13, 15), (12, 14, 16)):
             pts = np.array([_fixed(kpts[i]) for i in chain], np.int32)
-            cv2.polylines(canvas, [pts], False, paint['legs'], max(1, int(0.07 * h)), aa,
-                          _SHIFT)
+            cv2.polylines(canvas, [pts], False, paint['legs'], max(1, int(0.07 * h)), aa, _SHIFT)
         torso = np.array([_fixed(kpts[i]) for i in (5, 6, 12, 11)], np.int32)
         cv2.fillPoly(canvas, [torso], paint['shirt'], aa, _SHIFT)
-        cv2.polylines(canvas, [torso], True, paint['shirt'], max(1, int(0.04 * h)), aa,
-                      _SHIFT)
-        cv2.line(canvas, _fixed(neck), _fixed(head), paint['skin'], max(1, int(0.04 * h)),
-                 aa, _SHIFT)
+        cv2.polylines(canvas, [torso], True, paint['shirt'], max(1, int(0.04 * h)), aa, _SHIFT)
+        cv2.line(canvas, _fixed(neck), _fixed(head), paint['skin'], max(1, int(0.04 * h)), aa,
+                 _SHIFT)
         for chain in ((5, 7, 9), (6, 8, 10)):
             pts = np.array([_fixed(kpts[i]) for i in chain], np.int32)
-            cv2.polylines(canvas, [pts], False, paint['shirt'], max(1, int(0.055 * h)), aa,
-                          _SHIFT)
-        cv2.circle(canvas, _fixed(head), int(round(0.065 * h * _SCALE)), paint['skin'], -1,
-                   aa, _SHIFT)
+            cv2.polylines(canvas, [pts], False, paint['shirt'], max(1, int(0.055 * h)), aa, _SHIFT)
+        cv2.circle(canvas, _fixed(head), int(round(0.065 * h * _SCALE)), paint['skin'], -1, aa,
+                   _SHIFT)
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A muted texture: a smooth colour field, oriented stripes and grain."""
     base = rng.uniform(70, 190, 3)
-    low = cv2.resize(rng.normal(0, 30, (4, 5, 3)).astype(np.float32), (width, height),
-                     interpolation=cv2.INTER_CUBIC)
+    low = cv2.resize(
+        rng.normal(0, 30, (4, 5, 3)).astype(np.float32), (width, height),
+        interpolation=cv2.INTER_CUBIC)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     theta = rng.uniform(0, np.pi)
     period = rng.uniform(6, 24)
@@ -156,7 +159,9 @@ def _boxes_overlap(a: Sequence[float], b: Sequence[float]) -> float:
     return iw * ih / small
 
 
-def render_image(rng: np.random.Generator, width: int = 192, height: int = 144,
+def render_image(rng: np.random.Generator,
+                 width: int = 192,
+                 height: int = 144,
                  num_persons: Tuple[int, int] = (2, 4),
                  person_height: Tuple[float, float] = (56.0, 110.0),
                  occluder_prob: float = 0.35) -> Tuple[np.ndarray, List[dict]]:
@@ -186,8 +191,7 @@ def render_image(rng: np.random.Generator, width: int = 192, height: int = 144,
         margin = -0.2 * size if truncate else 0.18 * size
         x = rng.uniform(margin, width - margin)
         y = rng.uniform(0.5 * size + (-0.3 * size if truncate else 0),
-                        max(0.5 * size + 1, height - 0.47 * size
-                            + (0.3 * size if truncate else 0)))
+                        max(0.5 * size + 1, height - 0.47 * size + (0.3 * size if truncate else 0)))
         kpts, head, yaw = _pose(rng, np.array([x, y]), size)
         box = (kpts[:, 0].min(), kpts[:, 1].min(), kpts[:, 0].max(), kpts[:, 1].max())
         inside = ((kpts[:, 0] >= 0) & (kpts[:, 0] <= width - 1) & (kpts[:, 1] >= 0)
@@ -211,8 +215,8 @@ def render_image(rng: np.random.Generator, width: int = 192, height: int = 144,
             if k == hidden_ear:
                 continue
             radius = max(1.0, 0.012 * size) if k in _FACE else max(1.5, 0.022 * size)
-            cv2.circle(img, _fixed(kpts[k]), int(round(radius * _SCALE)),
-                       joint_colour(name), -1, cv2.LINE_AA, _SHIFT)
+            cv2.circle(img, _fixed(kpts[k]), int(round(radius * _SCALE)), joint_colour(name), -1,
+                       cv2.LINE_AA, _SHIFT)
         masks.append((mask, hidden_ear))
 
     if figures and rng.random() < occluder_prob:
@@ -240,20 +244,24 @@ def render_image(rng: np.random.Generator, width: int = 192, height: int = 144,
         ys, xs = np.nonzero(mask)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         polygons = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
-        annotations.append(dict(
-            category_id=1,
-            keypoints=flat,
-            num_keypoints=int(sum(1 for v in flat[2::3] if v > 0)),
-            bbox=[float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
-                  float(ys.max() - ys.min() + 1)],
-            area=float(mask.sum()),
-            iscrowd=0,
-            segmentation=polygons))
+        annotations.append(
+            dict(
+                category_id=1,
+                keypoints=flat,
+                num_keypoints=int(sum(1 for v in flat[2::3] if v > 0)),
+                bbox=[
+                    float(xs.min()),
+                    float(ys.min()),
+                    float(xs.max() - xs.min() + 1),
+                    float(ys.max() - ys.min() + 1)
+                ],
+                area=float(mask.sum()),
+                iscrowd=0,
+                segmentation=polygons))
     return img, annotations
 
 
-def _split(root: str, split: str, num_images: int, seed: int, width: int,
-           height: int) -> str:
+def _split(root: str, split: str, num_images: int, seed: int, width: int, height: int) -> str:
     """Write one split's images and annotation file; return the file's path."""
     img_dir = osp.join(root, f'{split}2017')
     os.makedirs(img_dir, exist_ok=True)
@@ -265,20 +273,28 @@ def _split(root: str, split: str, num_images: int, seed: int, width: int,
         img_id = first_id + index
         file_name = f'{img_id:012d}.jpg'
         cv2.imwrite(osp.join(img_dir, file_name), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        images.append(dict(id=img_id, file_name=file_name, width=width, height=height,
-                           license=1))
+        images.append(dict(id=img_id, file_name=file_name, width=width, height=height, license=1))
         for ann in anns:
-            annotations.append(dict(id=len(annotations) + 1 + first_id * 10,
-                                    image_id=img_id, **ann))
+            annotations.append(
+                dict(id=len(annotations) + 1 + first_id * 10, image_id=img_id, **ann))
     coco = dict(
-        info=dict(description='mmpsa tiny COCO keypoints (synthetic figures)',
-                  version='1.0', year=2026, contributor='mmpsa', seed=seed),
+        info=dict(
+            description='mmpsa tiny COCO keypoints (synthetic figures)',
+            version='1.0',
+            year=2026,
+            contributor='mmpsa',
+            seed=seed),
         licenses=[dict(id=1, name='CC0 1.0', url='')],
         images=images,
         annotations=annotations,
-        categories=[dict(supercategory='person', id=1, name='person',
-                         keypoints=list(COCO_KEYPOINTS),
-                         skeleton=[list(pair) for pair in COCO_SKELETON])])
+        categories=[
+            dict(
+                supercategory='person',
+                id=1,
+                name='person',
+                keypoints=list(COCO_KEYPOINTS),
+                skeleton=[list(pair) for pair in COCO_SKELETON])
+        ])
     ann_file = osp.join(root, 'annotations', f'person_keypoints_{split}2017.json')
     os.makedirs(osp.dirname(ann_file), exist_ok=True)
     with open(ann_file, 'w') as f:
@@ -286,8 +302,12 @@ def _split(root: str, split: str, num_images: int, seed: int, width: int,
     return ann_file
 
 
-def make_tiny_coco(root: str, num_train: int = 96, num_val: int = 24, seed: int = 0,
-                   width: int = 192, height: int = 144,
+def make_tiny_coco(root: str,
+                   num_train: int = 96,
+                   num_val: int = 24,
+                   seed: int = 0,
+                   width: int = 192,
+                   height: int = 144,
                    splits: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Write a tiny COCO-keypoints dataset under ``root`` (mmpose's CocoDataset layout).
 
@@ -308,10 +328,9 @@ def make_tiny_coco(root: str, num_train: int = 96, num_val: int = 24, seed: int 
         if split not in _SPLITS:
             raise ValueError(f"splits must be among {tuple(_SPLITS)}, got {split!r}")
     counts = dict(train=num_train, val=num_val)
-    for name, value in (('num_train', num_train), ('num_val', num_val),
-                        ('width', width), ('height', height)):
+    for name, value in (('num_train', num_train), ('num_val', num_val), ('width', width), ('height',
+                                                                                           height)):
         if not isinstance(value, int) or value < (0 if name.startswith('num') else 32):
             raise ValueError(f"{name} must be an int >= "
                              f"{0 if name.startswith('num') else 32}, got {value!r}")
-    return {split: _split(root, split, counts[split], seed, width, height)
-            for split in splits}
+    return {split: _split(root, split, counts[split], seed, width, height) for split in splits}

@@ -196,8 +196,7 @@ class SafeCheckpointHook(CheckpointHook):
             self._store_rng_states(runner, meta['epoch'], meta['iter'])
 
         stale_steps = []
-        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids
-                                            and self.keep_ckpt_ids[-1] == step):
+        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
             if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
                 stale_steps.append(self.keep_ckpt_ids.popleft())
             self.keep_ckpt_ids.append(step)
@@ -220,8 +219,8 @@ class SafeCheckpointHook(CheckpointHook):
             return
         atomic_write(str(self.last_ckpt).encode(), osp.join(runner.work_dir, 'last_checkpoint'))
         for stale in stale_steps:
-            self._remove(self.file_backend.join_path(self.out_dir,
-                                                     self.filename_tmpl.format(stale)))
+            self._remove(
+                self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(stale)))
 
     def _save_best_checkpoint(self, runner, metrics: dict) -> None:
         """As the stock hook, but the previous best is deleted after the new one is saved.
@@ -237,8 +236,11 @@ class SafeCheckpointHook(CheckpointHook):
             super()._save_best_checkpoint(runner, metrics)
         finally:
             self.file_backend = backend
-        in_use = {self.last_ckpt, getattr(self, 'best_ckpt_path', None),
-                  *getattr(self, 'best_ckpt_path_dict', {}).values()}
+        in_use = {
+            self.last_ckpt,
+            getattr(self, 'best_ckpt_path', None),
+            *getattr(self, 'best_ckpt_path_dict', {}).values()
+        }
         for path in deferred.paths:
             if path not in in_use:
                 self._remove(path)

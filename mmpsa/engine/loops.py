@@ -99,8 +99,7 @@ class ExactResumeIterBasedTrainLoop(_ExactResumeMixin, IterBasedTrainLoop):
 
             self._decide_current_val_interval()
             if (self.runner.val_loop is not None and self._iter >= self.val_begin
-                    and (self._iter % self.val_interval == 0
-                         or self._iter == self._max_iters)):
+                    and (self._iter % self.val_interval == 0 or self._iter == self._max_iters)):
                 self._run_val_loop()
 
         self.runner.call_hook('after_train_epoch')
@@ -136,8 +135,7 @@ class ExactResumeEpochBasedTrainLoop(_ExactResumeMixin, EpochBasedTrainLoop):
 
             self._decide_current_val_interval()
             if (self.runner.val_loop is not None and self._epoch >= self.val_begin
-                    and (self._epoch % self.val_interval == 0
-                         or self._epoch == self._max_epochs)):
+                    and (self._epoch % self.val_interval == 0 or self._epoch == self._max_epochs)):
                 self._run_val_loop()
 
         self.runner.call_hook('after_train')

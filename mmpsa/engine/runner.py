@@ -46,8 +46,7 @@ def exact_resume_cfg(cfg) -> None:
             train_cfg['type'] = 'ExactResumeIterBasedTrainLoop'
         elif _is_type(loop_type, 'EpochBasedTrainLoop', EpochBasedTrainLoop):
             train_cfg['type'] = 'ExactResumeEpochBasedTrainLoop'
-        elif loop_type not in ('ExactResumeIterBasedTrainLoop',
-                               'ExactResumeEpochBasedTrainLoop'):
+        elif loop_type not in ('ExactResumeIterBasedTrainLoop', 'ExactResumeEpochBasedTrainLoop'):
             print_log(
                 f'train_cfg type {loop_type!r} is not a stock loop: it is kept, so a '
                 'resumed run does not restore RNG states.',

@@ -46,8 +46,8 @@ def _layer_norm(ln: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
     """``ln(t)`` computed in (at least) fp32 (returns fp32 for half inputs)."""
     acc = acc_dtype(t.dtype)
     with no_autocast(t):
-        return F.layer_norm(t.to(acc), ln.normalized_shape, ln.weight.to(acc),
-                            ln.bias.to(acc), ln.eps)
+        return F.layer_norm(
+            t.to(acc), ln.normalized_shape, ln.weight.to(acc), ln.bias.to(acc), ln.eps)
 
 
 @MODELS.register_module()
@@ -98,10 +98,9 @@ class PolarizedSelfAttention(BaseModule):
         if mode not in _MODES:
             raise ValueError(f'mode must be one of {_MODES}, got {mode!r}')
         if variant not in _VARIANTS:
-            raise ValueError(
-                f'variant must be one of {_VARIANTS}, got {variant!r}')
-        if (not isinstance(in_channels, int) or isinstance(in_channels, bool)
-                or in_channels <= 0 or in_channels % 2):
+            raise ValueError(f'variant must be one of {_VARIANTS}, got {variant!r}')
+        if (not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels <= 0
+                or in_channels % 2):
             raise ValueError('in_channels must be a positive even int, '
                              f'got {in_channels!r}')
         if variant == 'official' and mode == 'sequential' and in_channels < 8:
@@ -133,8 +132,8 @@ class PolarizedSelfAttention(BaseModule):
             else:
                 c8 = c2 // 4
                 self.conv_up = nn.Sequential(
-                    nn.Conv2d(c2, c8, 1), nn.LayerNorm([c8, 1, 1]),
-                    nn.ReLU(inplace=True), nn.Conv2d(c8, c, 1))
+                    nn.Conv2d(c2, c8, 1), nn.LayerNorm([c8, 1, 1]), nn.ReLU(inplace=True),
+                    nn.Conv2d(c8, c, 1))
             self.conv_q_left = nn.Conv2d(c, c2, 1, bias=False)
             self.conv_v_left = nn.Conv2d(c, c2, 1, bias=False)
         self.ch_attn = nn.Identity()
@@ -145,10 +144,8 @@ class PolarizedSelfAttention(BaseModule):
 
     # ------------------------------------------------------------------ init
     def _init_official_qv(self) -> None:
-        for conv in (self.conv_q_right, self.conv_v_right, self.conv_q_left,
-                     self.conv_v_left):
-            nn.init.kaiming_normal_(
-                conv.weight, mode='fan_in', nonlinearity='relu')
+        for conv in (self.conv_q_right, self.conv_v_right, self.conv_q_left, self.conv_v_left):
+            nn.init.kaiming_normal_(conv.weight, mode='fan_in', nonlinearity='relu')
 
     def init_weights(self) -> None:
         """(Re)apply the block's own initialisation, then ``init_cfg`` if given.
@@ -175,15 +172,13 @@ class PolarizedSelfAttention(BaseModule):
         it names, a loaded state_dict fills the same parameters).
         """
         if self.variant == 'paper':
-            return (self.ch_wq, self.ch_wv, self.ch_wz, self.ln, None, self.sp_wq,
-                    self.sp_wv)
+            return (self.ch_wq, self.ch_wv, self.ch_wz, self.ln, None, self.sp_wq, self.sp_wv)
         if self.mode == 'parallel':
             up = (self.conv_up, None, None)
         else:
             conv1, ln, _, conv2 = self.conv_up  # conv, LN, ReLU, conv
             up = (conv1, ln, conv2)
-        return (self.conv_q_right, self.conv_v_right, *up, self.conv_q_left,
-                self.conv_v_left)
+        return (self.conv_q_right, self.conv_v_right, *up, self.conv_q_left, self.conv_v_left)
 
     def fused_params(self) -> psa_fused.PSAParams:
         """The block's parameters in the named form every fused evaluation takes.
@@ -194,13 +189,11 @@ class PolarizedSelfAttention(BaseModule):
         of a small block's forward); the parameters themselves are read afresh.
         """
         parts = self._fused_parts
-        q, v, z, ln, z2, sq, sv = [_NO_PARAMS if m is None else m._parameters
-                                   for m in parts]
+        q, v, z, ln, z2, sq, sv = [_NO_PARAMS if m is None else m._parameters for m in parts]
         eps = 0.0 if parts[3] is None else parts[3].eps
-        return psa_fused.PSAParams(
-            q['weight'], q['bias'], v['weight'], v['bias'], z['weight'], z['bias'],
-            ln['weight'], ln['bias'], z2['weight'], z2['bias'], sq['weight'], sq['bias'],
-            sv['weight'], sv['bias'], eps)
+        return psa_fused.PSAParams(q['weight'], q['bias'], v['weight'], v['bias'], z['weight'],
+                                   z['bias'], ln['weight'], ln['bias'], z2['weight'], z2['bias'],
+                                   sq['weight'], sq['bias'], sv['weight'], sv['bias'], eps)
 
     def extra_repr(self) -> str:
         return (f'in_channels={self.in_channels}, mode={self.mode!r}, '
@@ -290,8 +283,10 @@ class PolarizedSelfAttention(BaseModule):
 def _block_defaults() -> Dict[str, Any]:
     """The block's configurable arguments and their defaults, read from its signature."""
     params = inspect.signature(PolarizedSelfAttention.__init__).parameters
-    return {name: p.default for name, p in params.items()
-            if name not in ('self', 'in_channels', 'init_cfg')}
+    return {
+        name: p.default
+        for name, p in params.items() if name not in ('self', 'in_channels', 'init_cfg')
+    }
 
 
 #: What a ``psa=dict(...)`` of a backbone, neck or head sets for each block, with the

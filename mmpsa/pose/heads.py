@@ -70,10 +70,9 @@ class PSAHeatmapHead(HeatmapHead):
             else:
                 channels = in_channels
             if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-                raise ValueError(
-                    'PSAHeatmapHead: the PSA needs one positive int channel count '
-                    '(in_channels when there are no deconv/conv layers), got '
-                    f'in_channels={in_channels!r}')
+                raise ValueError('PSAHeatmapHead: the PSA needs one positive int channel count '
+                                 '(in_channels when there are no deconv/conv layers), got '
+                                 f'in_channels={in_channels!r}')
         super().__init__(
             in_channels=in_channels,
             out_channels=out_channels,

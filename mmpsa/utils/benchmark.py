@@ -15,14 +15,12 @@ import torch
 from mmpsa.layers import PolarizedSelfAttention
 
 #: (C, H, W) per shape; batch 2. HRNet-like shapes first, then segmentation heads.
-HRNET_SHAPES: Tuple[Tuple[int, int, int], ...] = ((32, 64, 48), (64, 32, 24),
-                                                  (128, 16, 12), (256, 8, 6))
+HRNET_SHAPES: Tuple[Tuple[int, int, int],
+                    ...] = ((32, 64, 48), (64, 32, 24), (128, 16, 12), (256, 8, 6))
 SEG_SHAPES: Tuple[Tuple[int, int, int], ...] = ((64, 128, 256), (512, 64, 128))
 #: (variant, mode) pairs.
-CONFIGS: Tuple[Tuple[str, str], ...] = (('paper', 'parallel'),
-                                        ('paper', 'sequential'),
-                                        ('official', 'parallel'),
-                                        ('official', 'sequential'))
+CONFIGS: Tuple[Tuple[str, str], ...] = (('paper', 'parallel'), ('paper', 'sequential'),
+                                        ('official', 'parallel'), ('official', 'sequential'))
 
 
 def saved_activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
@@ -46,8 +44,7 @@ def saved_activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def _step(block: torch.nn.Module, x: torch.Tensor,
-          grad: torch.Tensor) -> float:
+def _step(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     x.grad = None
     block.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -115,8 +112,7 @@ def geomean(values: Sequence[float]) -> float:
 
 
 def run_benchmark(configs: Sequence[Tuple[str, str]] = CONFIGS,
-                  shapes: Sequence[Tuple[int, int, int]] = HRNET_SHAPES +
-                  SEG_SHAPES,
+                  shapes: Sequence[Tuple[int, int, int]] = HRNET_SHAPES + SEG_SHAPES,
                   batch: int = 2,
                   reps: int = 0,
                   min_time: float = 1.0,
@@ -149,22 +145,19 @@ def run_benchmark(configs: Sequence[Tuple[str, str]] = CONFIGS,
 
 
 def format_table(results: Sequence[dict],
-                 hrnet_shapes: Sequence[Tuple[int, int, int]] = HRNET_SHAPES
-                 ) -> str:
+                 hrnet_shapes: Sequence[Tuple[int, int, int]] = HRNET_SHAPES) -> str:
     """A Markdown table of ``results`` plus the geometric-mean speed-ups."""
     mib = 1024.0**2
     lines = [
         '| variant | mode | B x C @ H x W | literal ms | fused ms | speed-up '
-        '| saved literal MiB | saved fused MiB |',
-        '|---|---|---|---:|---:|---:|---:|---:|'
+        '| saved literal MiB | saved fused MiB |', '|---|---|---|---:|---:|---:|---:|---:|'
     ]
     for r in results:
         c, h, w = r['shape']
-        lines.append(
-            f'| {r["variant"]} | {r["mode"]} | {r["batch"]} x {c} @ {h} x {w} '
-            f'| {r["literal_s"] * 1e3:.2f} | {r["fused_s"] * 1e3:.2f} '
-            f'| x{r["speedup"]:.2f} | {r["literal_saved"] / mib:.2f} '
-            f'| {r["fused_saved"] / mib:.2f} |')
+        lines.append(f'| {r["variant"]} | {r["mode"]} | {r["batch"]} x {c} @ {h} x {w} '
+                     f'| {r["literal_s"] * 1e3:.2f} | {r["fused_s"] * 1e3:.2f} '
+                     f'| x{r["speedup"]:.2f} | {r["literal_saved"] / mib:.2f} '
+                     f'| {r["fused_saved"] / mib:.2f} |')
     lines.append('')
     hr = {tuple(s) for s in hrnet_shapes}
     seen = []
@@ -173,8 +166,10 @@ def format_table(results: Sequence[dict],
         if key in seen:
             continue
         seen.append(key)
-        sp = [q['speedup'] for q in results
-              if (q['variant'], q['mode']) == key and tuple(q['shape']) in hr]
+        sp = [
+            q['speedup'] for q in results
+            if (q['variant'], q['mode']) == key and tuple(q['shape']) in hr
+        ]
         if sp:
             lines.append(f'- {key[0]} {key[1]}: geometric-mean speed-up over '
                          f'the HRNet shapes x{geomean(sp):.2f}')

@@ -22,18 +22,33 @@ import torch
 from torch import nn
 
 HRNET_W48_EXTRA = dict(
-    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(4, ),
-                num_channels=(64, )),
-    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(4, 4),
-                num_channels=(48, 96)),
-    stage3=dict(num_modules=4, num_branches=3, block='BASIC', num_blocks=(4, 4, 4),
-                num_channels=(48, 96, 192)),
-    stage4=dict(num_modules=3, num_branches=4, block='BASIC', num_blocks=(4, 4, 4, 4),
-                num_channels=(48, 96, 192, 384)))
+    stage1=dict(
+        num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(4, ), num_channels=(64, )),
+    stage2=dict(
+        num_modules=1, num_branches=2, block='BASIC', num_blocks=(4, 4), num_channels=(48, 96)),
+    stage3=dict(
+        num_modules=4,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(4, 4, 4),
+        num_channels=(48, 96, 192)),
+    stage4=dict(
+        num_modules=3,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(4, 4, 4, 4),
+        num_channels=(48, 96, 192, 384)))
 
-R50_D8 = dict(depth=50, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
-              strides=(1, 2, 1, 1), norm_cfg=dict(type='BN', requires_grad=True),
-              norm_eval=False, style='pytorch', contract_dilation=True)
+R50_D8 = dict(
+    depth=50,
+    num_stages=4,
+    out_indices=(0, 1, 2, 3),
+    dilations=(1, 1, 2, 4),
+    strides=(1, 2, 1, 1),
+    norm_cfg=dict(type='BN', requires_grad=True),
+    norm_eval=False,
+    style='pytorch',
+    contract_dilation=True)
 
 
 def _hrnet_w48(psa: Optional[dict]) -> nn.Module:
@@ -136,19 +151,24 @@ def benchmark_network(name: str,
                 times[key].append(seconds)
         if log is not None:
             stage = 'warm-up' if i < warmup else f'rep {i - warmup + 1}/{reps}'
-            log(f'{name} {stage}: ' + ', '.join(
-                f'{k} {t[0]:.2f} s (cpu {t[1]:.2f} s)' for k, t in last.items()))
-    medians = {key: tuple(statistics.median(col) for col in zip(*ts))
-               for key, ts in times.items()}
+            log(f'{name} {stage}: ' + ', '.join(f'{k} {t[0]:.2f} s (cpu {t[1]:.2f} s)'
+                                                for k, t in last.items()))
+    medians = {key: tuple(statistics.median(col) for col in zip(*ts)) for key, ts in times.items()}
     base_wall, base_cpu = medians['stock']
     rows = []
     for key, model in models.items():
         wall, cpu = medians[key]
         stock = key == 'stock'
-        rows.append(dict(network=title, input=f'{batch}x{c}x{h}x{w}', block=key,
-                         params=count_params(model), wall_s=wall, cpu_s=cpu,
-                         wall_overhead_pct=None if stock else 100 * (wall / base_wall - 1),
-                         cpu_overhead_pct=None if stock else 100 * (cpu / base_cpu - 1)))
+        rows.append(
+            dict(
+                network=title,
+                input=f'{batch}x{c}x{h}x{w}',
+                block=key,
+                params=count_params(model),
+                wall_s=wall,
+                cpu_s=cpu,
+                wall_overhead_pct=None if stock else 100 * (wall / base_wall - 1),
+                cpu_overhead_pct=None if stock else 100 * (cpu / base_cpu - 1)))
     return rows
 
 
@@ -158,9 +178,10 @@ def _pct(value: Optional[float]) -> str:
 
 def format_table(rows: Sequence[dict]) -> str:
     """A Markdown table of :func:`benchmark_network` rows."""
-    lines = ['| network | input | PSA block | params (M) | step wall (s) | overhead wall '
-             '| step CPU (s) | overhead CPU |',
-             '|---|---|---|---:|---:|---:|---:|---:|']
+    lines = [
+        '| network | input | PSA block | params (M) | step wall (s) | overhead wall '
+        '| step CPU (s) | overhead CPU |', '|---|---|---|---:|---:|---:|---:|---:|'
+    ]
     for row in rows:
         lines.append(f"| {row['network']} | {row['input']} | {row['block']} | "
                      f"{row['params'] / 1e6:.2f} | {row['wall_s']:.3f} | "
@@ -196,8 +217,9 @@ def run(networks: Sequence[str] = tuple(NETWORKS),
     log = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     rows = []
     for name in networks:
-        rows.extend(benchmark_network(name, blocks, batch=batch, reps=reps,
-                                      warmup=warmup, seed=seed, log=log))
+        rows.extend(
+            benchmark_network(
+                name, blocks, batch=batch, reps=reps, warmup=warmup, seed=seed, log=log))
     header = (f'CPU fp32, {torch.get_num_threads()} thread(s), torch {torch.__version__}; '
               f'one train step (fwd + bwd + SGD), medians of {reps} interleaved reps '
               f'after {warmup} warm-up; PSA: paper variant, parallel, every residual '

@@ -63,10 +63,9 @@ def run_one(name: str, out_dir: Path, data_root: Path) -> DemoRow:
     """Train and validate one model of :data:`RUNS`; return its row."""
     scope, config, psa = RUNS[name]
     work_dir = out_dir / 'work_dirs' / name.replace('/', '_')
-    cfg = tiny_config(config, data_root, work_dir,
-                      cfg_options={'model.backbone.psa': psa})
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=scope == 'mmpose',
-                                        interval=10**6, save_last=True)
+    cfg = tiny_config(config, data_root, work_dir, cfg_options={'model.backbone.psa': psa})
+    cfg.default_hooks.checkpoint = dict(
+        type='CheckpointHook', by_epoch=scope == 'mmpose', interval=10**6, save_last=True)
     cost = measure(cfg)
     runner = build_runner(cfg)
     keeper = _KeepMetrics()
@@ -83,8 +82,10 @@ def run_one(name: str, out_dir: Path, data_root: Path) -> DemoRow:
 
 def format_rows(rows: List[DemoRow]) -> str:
     """The demo table in Markdown."""
-    lines = ['| model | input | params (M) | FLOPs (M) | train time (s) | metric |',
-             '|---|---|---:|---:|---:|---:|']
+    lines = [
+        '| model | input | params (M) | FLOPs (M) | train time (s) | metric |',
+        '|---|---|---:|---:|---:|---:|'
+    ]
     for r in rows:
         lines.append(f'| {r.name} | {r.input_hw[0]}x{r.input_hw[1]} | {r.params / 1e6:.3f} '
                      f'| {r.flops / 1e6:.1f} | {r.train_s:.1f} '
@@ -105,8 +106,10 @@ def run_demo(out_dir: str = 'outputs/demo', names: Optional[List[str]] = None) -
     from mmpsa.apis.attention import visualize_attention
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = {'mmseg': make_tiny_data(out / 'data' / 'tiny_cityscapes', 'mmseg'),
-            'mmpose': make_tiny_data(out / 'data' / 'tiny_coco', 'mmpose')}
+    data = {
+        'mmseg': make_tiny_data(out / 'data' / 'tiny_cityscapes', 'mmseg'),
+        'mmpose': make_tiny_data(out / 'data' / 'tiny_coco', 'mmpose')
+    }
     rows = []
     for name in names or list(RUNS):
         scope = RUNS[name][0]
@@ -114,8 +117,7 @@ def run_demo(out_dir: str = 'outputs/demo', names: Optional[List[str]] = None) -
         rows.append(run_one(name, out, data[scope]))
         print(format_rows(rows[-1:]), flush=True)
     table = format_rows(rows)
-    (out / 'results.md').write_text(
-        '# mmpsa demo (synthetic tiny data; CPU)\n\n' + table + '\n')
+    (out / 'results.md').write_text('# mmpsa demo (synthetic tiny data; CPU)\n\n' + table + '\n')
     (out / 'results.json').write_text(json.dumps([asdict(r) for r in rows], indent=2))
     # Attention maps of each trained PSA model on two validation images.
     pictures = []
@@ -124,8 +126,7 @@ def run_demo(out_dir: str = 'outputs/demo', names: Optional[List[str]] = None) -
             continue
         work_dir = out / 'work_dirs' / name.replace('/', '_')
         ckpt = (work_dir / 'last_checkpoint').read_text().strip()
-        cfg = tiny_config(config, data[scope], work_dir,
-                          cfg_options={'model.backbone.psa': psa})
+        cfg = tiny_config(config, data[scope], work_dir, cfg_options={'model.backbone.psa': psa})
         if scope == 'mmseg':
             images = sorted((data[scope] / 'leftImg8bit' / 'val').rglob('*.png'))[:2]
         else:

@@ -27,12 +27,23 @@ PAPER_RESULTS = {
     'td-hm_psa-p-hrnet-w48_udp-8xb32-210e_coco-256x192': ('AP', 78.9),
     'td-hm_psa-p-hrnet-w48_udp-8xb32-210e_coco-384x288': ('AP', 79.5),
     'td-hm_psa-s-hrnet-w48_udp-8xb32-210e_coco-384x288': ('AP', 79.4),
+    'psa-p_mscale-ocrnet_hr48_official_cityscapes-1024x2048': ('mIoU', 86.95),
+    'psa-s_mscale-ocrnet_hr48_official_cityscapes-1024x2048': ('mIoU', 86.72),
 }
+PAPER_SOURCE = 'paper (its pipeline), not reproduced here'
+# The configs of the released weights (mmpsa.seg.released converts them) say what was checked.
+RELEASED_CODE = 'https://github.com/DeLightCMU/PSA'
+RELEASED_SOURCE = ('paper: the released weights, evaluated by the released code; mmpsa verified '
+                   'that the converted weights give the released outputs, not this mIoU')
+RELEASED_VERIFIED = ("outputs equal the released network's (per scale and joined, 1e-4 relative; "
+                     'tests/test_seg/test_released_weights.py); mIoU not measured (no Cityscapes)')
 
 COLLECTIONS = {
     'mmseg/psa_deeplabv3plus': ('PSA-DeepLabV3+', 'Cityscapes', 'Semantic Segmentation'),
     'mmseg/psa_hrnet': ('PSA-FCN-HRNetV2', 'Cityscapes', 'Semantic Segmentation'),
     'mmseg/psa_ocrnet': ('PSA-OCRNet-HRNetV2', 'Cityscapes', 'Semantic Segmentation'),
+    'mmseg/psa_mscale_ocrnet':
+    ('PSA-OCRNet-HRNetV2-Mscale', 'Cityscapes', 'Semantic Segmentation'),
     'mmpose/psa_hrnet': ('PSA-TopDown-HRNet', 'COCO', 'Body 2D Keypoint'),
     'mmpose/psa_resnet': ('PSA-SimpleBaseline', 'COCO', 'Body 2D Keypoint'),
     'mmpose/psa_head_neck': ('PSA-Heads-Necks-Pose', 'COCO', 'Body 2D Keypoint'),
@@ -48,19 +59,37 @@ def _records(json_files: Iterable[str]) -> Dict[str, Dict[str, dict]]:
     return out
 
 
-def build_metafiles(json_files: Iterable[str]) -> Dict[Path, dict]:
+def converted_from() -> Dict[str, dict]:
+    """Config stem -> ``Converted From`` entry, for the configs of the released weights."""
+    from ..seg.released import CONFIGS, RELEASED_WEIGHTS  # mmseg: imported when needed
+    return {
+        Path(path).stem: {
+            'Weights': RELEASED_WEIGHTS[variant],
+            'Code': RELEASED_CODE,
+            'Verified': RELEASED_VERIFIED
+        }
+        for variant, path in CONFIGS.items()
+    }
+
+
+def build_metafiles(json_files: Iterable[str],
+                    keys: Optional[Iterable[str]] = None) -> Dict[Path, dict]:
     """The metafile content of each model folder.
 
     Args:
-        json_files: Complexity records covering every config (fused and literal).
+        json_files: Complexity records covering every config (fused and literal) of the
+            folders built.
+        keys: The :data:`COLLECTIONS` keys to build (default: all).
 
     Returns:
         ``{metafile path: content}``.
     """
     records = _records(json_files)
     repo = configs_root().parent
+    released = converted_from()
     metafiles = {}
-    for key, (name, dataset, task) in COLLECTIONS.items():
+    for key in COLLECTIONS if keys is None else keys:
+        name, dataset, task = COLLECTIONS[key]
         folder = configs_root() / key
         models = []
         for config in sorted(folder.glob('*.py')):
@@ -84,7 +113,10 @@ def build_metafiles(json_files: Iterable[str]) -> Dict[Path, dict]:
                 metric, value = PAPER_RESULTS[stem]
                 model['Results'] = [{'Task': task, 'Dataset': dataset,
                                      'Metrics': {metric: value},
-                                     'Source': 'paper (its pipeline), not reproduced here'}]
+                                     'Source': RELEASED_SOURCE if stem in released
+                                     else PAPER_SOURCE}]
+            if stem in released:
+                model['Converted From'] = released[stem]
             models.append(model)
         metafiles[folder / 'metafile.yml'] = {
             'Collections': [{'Name': name, 'Metadata': {'Training Data': dataset},
@@ -111,6 +143,7 @@ def write_model_index(json_files: Iterable[str],
     for path, content in metafiles.items():
         path.write_text(yaml.safe_dump(content, sort_keys=False, width=100))
         written.append(path)
-    index = {'Import': [str(p.relative_to(repo)) for p in metafiles]}
+    # every collection's metafile, also when only some were rebuilt
+    index = {'Import': [f'configs/{key}/metafile.yml' for key in COLLECTIONS]}
     (repo / 'model-index.yml').write_text(yaml.safe_dump(index, sort_keys=False))
     return written + [repo / 'model-index.yml']

@@ -34,7 +34,8 @@ def make_tiny_data(root: Union[str, Path], scope: str) -> Path:
     return root
 
 
-def tiny_config(config: Union[str, Path], data_root: Union[str, Path],
+def tiny_config(config: Union[str, Path],
+                data_root: Union[str, Path],
                 work_dir: Optional[Union[str, Path]] = None,
                 cfg_options: Optional[Dict[str, Any]] = None) -> Config:
     """Load a tiny config with its train/val/test data (and COCO metric) under ``data_root``.

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _label_path(root: Path, img: Path) -> Path:
     rel = img.relative_to(root / 'leftImg8bit')
     return root / 'gtFine' / rel.parent / rel.name.replace('_leftImg8bit.png',
-                                                          '_gtFine_labelTrainIds.png')
+                                                           '_gtFine_labelTrainIds.png')
 
 
 def _digest(root: Path) -> str:
@@ -66,17 +66,19 @@ def test_structure_is_learnable_not_noise():
     assert all(hist.get(c, 0) > 0 for c in USED_CLASSES)  # every drawn class occurs
     # layouts vary between frames
     assert not np.array_equal(labels[0], labels[1])
+
     # a nearest-class-mean colour classifier, fitted on 3 frames, labels the other 3 well
     def pixels(items):
         img = np.concatenate([im.reshape(-1, 3) for im, _ in items]).astype(np.float32)
         lab = np.concatenate([lb.ravel() for _, lb in items])
         keep = lab != IGNORE
         return img[keep], lab[keep]
+
     x_fit, y_fit = pixels(scenes[:3])
     x_new, y_new = pixels(scenes[3:])
     classes = np.array(sorted(set(y_fit)))
     means = np.stack([x_fit[y_fit == c].mean(0) for c in classes])
-    pred = classes[np.argmin(((x_new[:, None, :] - means[None]) ** 2).sum(-1), axis=1)]
+    pred = classes[np.argmin(((x_new[:, None, :] - means[None])**2).sum(-1), axis=1)]
     assert (pred == y_new).mean() > 0.8
     # ... while shuffling the labels leaves nothing to learn
     assert (rng.permutation(pred) == y_new).mean() < 0.4
@@ -91,8 +93,11 @@ def test_mmseg_cityscapes_dataset_reads_it(tiny):
         ds = CityscapesDataset(
             data_root=str(root),
             data_prefix=dict(img_path='leftImg8bit/val', seg_map_path='gtFine/val'),
-            pipeline=[dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),
-                      dict(type='PackSegInputs')])
+            pipeline=[
+                dict(type='LoadImageFromFile'),
+                dict(type='LoadAnnotations'),
+                dict(type='PackSegInputs')
+            ])
         sample = ds[0]
     assert len(ds) == len(written['val'])
     gt = sample['data_samples'].gt_sem_seg.data
@@ -102,8 +107,10 @@ def test_mmseg_cityscapes_dataset_reads_it(tiny):
 
 def test_cli_writes_the_data_set(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'cs'
-    monkeypatch.setattr(sys, 'argv', ['make_tiny_cityscapes.py', str(out), '--num-train', '2',
-                                      '--num-val', '1', '--height', '64', '--width', '128'])
+    monkeypatch.setattr(sys, 'argv', [
+        'make_tiny_cityscapes.py',
+        str(out), '--num-train', '2', '--num-val', '1', '--height', '64', '--width', '128'
+    ])
     runpy.run_path(str(REPO / 'tools' / 'make_tiny_cityscapes.py'), run_name='__main__')
     assert len(list((out / 'leftImg8bit' / 'train').rglob('*.png'))) == 2
     assert len(list((out / 'gtFine' / 'val').rglob('*_gtFine_labelTrainIds.png'))) == 1

@@ -9,8 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mmpsa.datasets.coco_tiny import (COCO_KEYPOINTS, COCO_SKELETON, joint_colour,
-                                      make_tiny_coco)
+from mmpsa.datasets.coco_tiny import COCO_KEYPOINTS, COCO_SKELETON, joint_colour, make_tiny_coco
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +30,8 @@ def test_layout_is_mmpose_coco(tiny):
     root, files = tiny
     assert files == {
         'train': str(root / 'annotations' / 'person_keypoints_train2017.json'),
-        'val': str(root / 'annotations' / 'person_keypoints_val2017.json')}
+        'val': str(root / 'annotations' / 'person_keypoints_val2017.json')
+    }
     for split, count in (('train', 12), ('val', 6)):
         coco = _load(files[split])
         assert len(coco['images']) == count
@@ -103,8 +103,8 @@ def test_deterministic(tiny, tmp_path):
         assert Path(again[split]).read_bytes() == Path(files[split]).read_bytes()
         assert Path(other[split]).read_bytes() != Path(files[split]).read_bytes()
     name = '000000000001.jpg'
-    assert ((tmp_path / 'a' / 'train2017' / name).read_bytes()
-            == (root / 'train2017' / name).read_bytes())
+    assert ((tmp_path / 'a' / 'train2017' / name).read_bytes() == (root / 'train2017' /
+                                                                   name).read_bytes())
 
 
 def test_ground_truth_scores_ap_one(tiny):
@@ -113,8 +113,9 @@ def test_ground_truth_scores_ap_one(tiny):
     from xtcocotools.coco import COCO
     from xtcocotools.cocoeval import COCOeval
     _, files = tiny
-    sigmas = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07,
-                       .87, .87, .89, .89]) / 10.0
+    sigmas = np.array([
+        .26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89
+    ]) / 10.0
     gt = COCO(files['val'])
 
     def ap(jitter):
@@ -124,8 +125,12 @@ def test_ground_truth_scores_ap_one(tiny):
             kpts = np.array(ann['keypoints'], dtype=float).reshape(17, 3)
             kpts[:, :2] += rng.normal(0, jitter, (17, 2))
             kpts[:, 2] = 1
-            results.append(dict(image_id=ann['image_id'], category_id=1, score=1.0,
-                                keypoints=kpts.reshape(-1).tolist()))
+            results.append(
+                dict(
+                    image_id=ann['image_id'],
+                    category_id=1,
+                    score=1.0,
+                    keypoints=kpts.reshape(-1).tolist()))
         evaluator = COCOeval(gt, gt.loadRes(results), 'keypoints', sigmas, use_area=True)
         evaluator.params.useSegm = None
         evaluator.evaluate()
@@ -142,9 +147,12 @@ def test_mmpose_coco_dataset_reads_it(tiny):
     root, _ = tiny
     for split, test_mode in (('train', False), ('val', True)):
         dataset = CocoDataset(
-            data_root=str(root), data_mode='topdown',
+            data_root=str(root),
+            data_mode='topdown',
             ann_file=f'annotations/person_keypoints_{split}2017.json',
-            data_prefix=dict(img=f'{split}2017/'), test_mode=test_mode, pipeline=[])
+            data_prefix=dict(img=f'{split}2017/'),
+            test_mode=test_mode,
+            pipeline=[])
         coco = _load(osp.join(root, 'annotations', f'person_keypoints_{split}2017.json'))
         assert len(dataset) == len(coco['annotations'])
         info = dataset[0]
@@ -155,8 +163,10 @@ def test_mmpose_coco_dataset_reads_it(tiny):
 
 def test_cli(tmp_path, monkeypatch):
     out = tmp_path / 'cli'
-    monkeypatch.setattr(sys, 'argv', ['make_tiny_coco.py', str(out), '--num-train', '2',
-                                      '--num-val', '1', '--seed', '3'])
+    monkeypatch.setattr(
+        sys, 'argv',
+        ['make_tiny_coco.py',
+         str(out), '--num-train', '2', '--num-val', '1', '--seed', '3'])
     runpy.run_path(str(REPO / 'tools' / 'make_tiny_coco.py'), run_name='__main__')
     coco = _load(out / 'annotations' / 'person_keypoints_val2017.json')
     assert len(coco['images']) == 1 and coco['annotations']

@@ -22,8 +22,7 @@ class ToyModel(BaseModel):
         self.linear = torch.nn.Linear(4, 1)
         self.dropout = torch.nn.Dropout(0.5)
 
-    def forward(self, inputs: List[torch.Tensor], labels: List[torch.Tensor],
-                mode: str = 'tensor'):
+    def forward(self, inputs: List[torch.Tensor], labels: List[torch.Tensor], mode: str = 'tensor'):
         out = self.linear(self.dropout(torch.stack(inputs)))
         if mode == 'loss':
             return dict(loss=((out - torch.stack(labels))**2).mean())
@@ -41,5 +40,5 @@ class AugDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         x = torch.full((4, ), float(i)) + torch.rand(4) + float(np.random.rand())
-        return dict(inputs=x * random.uniform(0.5, 1.5),
-                    labels=torch.tensor([i % 3], dtype=torch.float))
+        return dict(
+            inputs=x * random.uniform(0.5, 1.5), labels=torch.tensor([i % 3], dtype=torch.float))

@@ -56,8 +56,15 @@ class Recorder(Hook):
             raise _Crash
 
 
-def _cfg(work_dir, tag: str, max_iters: int = 4, interval: int = 2, val_interval: int = 100,
-         safe: bool = True, resume: bool = False, crash_at: int = -1, **hook_args) -> Config:
+def _cfg(work_dir,
+         tag: str,
+         max_iters: int = 4,
+         interval: int = 2,
+         val_interval: int = 100,
+         safe: bool = True,
+         resume: bool = False,
+         crash_at: int = -1,
+         **hook_args) -> Config:
     """An iteration-based toy config (SafeCheckpointHook unless ``safe=False``)."""
     cfg = dict(
         model=dict(type='PsaTestToyModel'),
@@ -75,12 +82,10 @@ def _cfg(work_dir, tag: str, max_iters: int = 4, interval: int = 2, val_interval
             num_workers=0),
         val_evaluator=dict(type='PsaTestHooksMetric'),
         val_cfg=dict(),
-        train_cfg=dict(type='IterBasedTrainLoop', max_iters=max_iters,
-                       val_interval=val_interval),
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=val_interval),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
         default_hooks=dict(
-            checkpoint=dict(type='CheckpointHook', interval=interval, by_epoch=False,
-                            **hook_args)),
+            checkpoint=dict(type='CheckpointHook', interval=interval, by_epoch=False, **hook_args)),
         custom_hooks=[dict(type='PsaTestHooksRecorder', tag=tag, crash_at=crash_at)],
         randomness=dict(seed=0),
         resume=resume,
@@ -126,8 +131,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, safe):
 
     monkeypatch.setattr(torch, 'save', dying_save)
     with pytest.raises(OSError, match='killed while saving'):
-        RUNNERS.build(_cfg(tmp_path, f'failed-save-{safe}', safe=safe,
-                           max_keep_ckpts=1)).train()
+        RUNNERS.build(_cfg(tmp_path, f'failed-save-{safe}', safe=safe, max_keep_ckpts=1)).train()
     if safe:
         assert _ckpts(tmp_path) == ['iter_2.pth']
         assert torch.load(tmp_path / 'iter_2.pth', weights_only=True)['meta']['iter'] == 2
@@ -192,8 +196,15 @@ def test_old_checkpoint_deleted_only_after_the_new_one_is_in_place(tmp_path, mon
 
 def test_previous_best_deleted_only_after_the_new_best_is_in_place(tmp_path, monkeypatch):
     seen = _watch_renames(monkeypatch, tmp_path)
-    RUNNERS.build(_cfg(tmp_path, 'best', max_iters=6, interval=100, val_interval=2,
-                       save_best='score', rule='greater')).train()
+    RUNNERS.build(
+        _cfg(
+            tmp_path,
+            'best',
+            max_iters=6,
+            interval=100,
+            val_interval=2,
+            save_best='score',
+            rule='greater')).train()
     before = {name: files for name, files in seen}
     assert 'best_score_iter_2.pth' in before['best_score_iter_4.pth']
     assert 'best_score_iter_4.pth' in before['best_score_iter_6.pth']

@@ -52,7 +52,11 @@ class Recorder(Hook):
             raise _Crash
 
 
-def _cfg(work_dir: str, tag: str, by_epoch: bool, exact: bool, crash_at: int = -1,
+def _cfg(work_dir: str,
+         tag: str,
+         by_epoch: bool,
+         exact: bool,
+         crash_at: int = -1,
          resume: bool = False) -> Config:
     """A toy config: iteration-based (8 iters, checkpoint + val at 4) or epoch-based (4
     epochs of 4 iterations, checkpoint every epoch, val every 2, in mmpose's train_cfg form)."""
@@ -121,8 +125,7 @@ def test_iter_based_resume_is_exact(tmp_path):
 
 def test_epoch_based_resume_is_exact_at_epoch_boundary(tmp_path):
     # crash in epoch 3 (iteration 10), after the epoch-2 checkpoint and validation
-    runner, full, _, resumed = _crash_and_resume(
-        tmp_path, by_epoch=True, exact=True, crash_at=10)
+    runner, full, _, resumed = _crash_and_resume(tmp_path, by_epoch=True, exact=True, crash_at=10)
     assert type(runner.train_loop).__name__ == 'ExactResumeEpochBasedTrainLoop'
     assert sorted(resumed) == list(range(8, 16))
     assert [resumed[i] for i in range(8, 16)] == [full[i] for i in range(8, 16)]
@@ -130,8 +133,7 @@ def test_epoch_based_resume_is_exact_at_epoch_boundary(tmp_path):
 
 def test_stock_runner_resume_is_not_exact(tmp_path):
     """The control: mmengine's own loop and hook continue with other random numbers."""
-    runner, full, _, resumed = _crash_and_resume(tmp_path, by_epoch=False, exact=False,
-                                                 crash_at=6)
+    runner, full, _, resumed = _crash_and_resume(tmp_path, by_epoch=False, exact=False, crash_at=6)
     assert type(runner.train_loop).__name__ == 'IterBasedTrainLoop'
     assert sorted(resumed) == [4, 5, 6, 7]
     assert [resumed[i] for i in range(4, 8)] != [full[i] for i in range(4, 8)]

@@ -107,7 +107,6 @@ default_hooks = dict(logger=dict(interval=1))
 custom_hooks = [dict(type='PsaTestLossLog')]
 '''
 
-
 pytestmark = pytest.mark.usefixtures('cpu_without_yapf')
 
 
@@ -141,8 +140,9 @@ def killed(tmp_path_factory) -> dict:
     cfgs = dict(
         seg=SEG_CFG.format(base=str(SEG_BASE), runtime=str(RUNTIME), data=f'{root}/city/'),
         pose=POSE_CFG.format(base=str(POSE_BASE), runtime=str(RUNTIME), data=f'{root}/coco/'))
-    kills = dict(seg="dict(type='PsaTestKill', during_save='iter_6.pth')",
-                 pose="dict(type='PsaTestKill', at_iter=6)")
+    kills = dict(
+        seg="dict(type='PsaTestKill', during_save='iter_6.pth')",
+        pose="dict(type='PsaTestKill', at_iter=6)")
     for task, text in cfgs.items():
         (root / f'{task}.py').write_text(text)
         (root / f'{task}_kill.py').write_text(
@@ -150,13 +150,24 @@ def killed(tmp_path_factory) -> dict:
             f"custom_hooks = [dict(type='PsaTestLossLog'), {kills[task]}]\n")
     sys.path.insert(0, str(root / 'plugin'))
 
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', MKL_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join([str(root / 'plugin'), str(REPO)]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS='1',
+        CUDA_VISIBLE_DEVICES='',
+        MKL_NUM_THREADS='1',
+        PYTHONPATH=os.pathsep.join([str(root / 'plugin'), str(REPO)]))
     procs = {
-        task: subprocess.Popen(
-            [sys.executable, str(REPO / 'tools/train.py'), str(root / f'{task}_kill.py'),
-             '--work-dir', str(root / f'{task}_killed')],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        task:
+        subprocess.Popen([
+            sys.executable,
+            str(REPO / 'tools/train.py'),
+            str(root / f'{task}_kill.py'), '--work-dir',
+            str(root / f'{task}_killed')
+        ],
+                         env=env,
+                         stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT,
+                         text=True)
         for task in cfgs
     }
     outputs = {task: proc.communicate(timeout=600)[0] for task, proc in procs.items()}
@@ -172,16 +183,22 @@ def _resume(root: Path, task: str, load_tool) -> Dict[int, float]:
     (work_dir / 'losses.jsonl').rename(work_dir / 'losses_before_kill.jsonl')
     with _one_thread():
         load_tool('train').main([
-            str(root / f'{task}.py'), '--work-dir', str(work_dir), '--resume', '--cfg-options',
-            f'experiment_name={task}-resumed', f'visualizer.name={task}-resumed'
+            str(root / f'{task}.py'), '--work-dir',
+            str(work_dir), '--resume', '--cfg-options', f'experiment_name={task}-resumed',
+            f'visualizer.name={task}-resumed'
         ])
     return _losses(work_dir / 'losses.jsonl')
 
 
 def _uninterrupted(root: Path, task: str) -> Dict[int, float]:
     with _one_thread():
-        train(str(root / f'{task}.py'), work_dir=str(root / f'{task}_full'),
-              cfg_options={'experiment_name': f'{task}-full', 'visualizer.name': f'{task}-full'})
+        train(
+            str(root / f'{task}.py'),
+            work_dir=str(root / f'{task}_full'),
+            cfg_options={
+                'experiment_name': f'{task}-full',
+                'visualizer.name': f'{task}-full'
+            })
     return _losses(root / f'{task}_full' / 'losses.jsonl')
 
 
@@ -255,6 +272,12 @@ def test_corrupt_checkpoint_data_fails_with_an_error_naming_it(killed, tmp_path)
     bad = tmp_path / 'iter_3.pth'
     bad.write_bytes(bytes(data))
     with _one_thread(), pytest.raises(CheckpointReadError, match='truncated or corrupt') as err:
-        train(str(killed / 'seg.py'), work_dir=str(tmp_path / 'w'), resume=str(bad),
-              cfg_options={'experiment_name': 'seg-corrupt', 'visualizer.name': 'seg-corrupt'})
+        train(
+            str(killed / 'seg.py'),
+            work_dir=str(tmp_path / 'w'),
+            resume=str(bad),
+            cfg_options={
+                'experiment_name': 'seg-corrupt',
+                'visualizer.name': 'seg-corrupt'
+            })
     assert str(bad) in str(err.value)

@@ -8,8 +8,10 @@ from mmpsa.engine.runner import exact_resume_cfg
 
 
 def test_exact_resume_cfg_swaps_stock_types_only():
-    mmseg_like = Config(dict(train_cfg=dict(type='IterBasedTrainLoop', max_iters=4),
-                             default_hooks=dict(checkpoint=dict(type='CheckpointHook'))))
+    mmseg_like = Config(
+        dict(
+            train_cfg=dict(type='IterBasedTrainLoop', max_iters=4),
+            default_hooks=dict(checkpoint=dict(type='CheckpointHook'))))
     exact_resume_cfg(mmseg_like)
     assert mmseg_like.train_cfg.type == 'ExactResumeIterBasedTrainLoop'
     assert mmseg_like.default_hooks.checkpoint.type == 'SafeCheckpointHook'
@@ -19,8 +21,10 @@ def test_exact_resume_cfg_swaps_stock_types_only():
     assert mmpose_like.train_cfg == dict(type='ExactResumeEpochBasedTrainLoop', max_epochs=3)
     assert mmpose_like.default_hooks.checkpoint == dict(type='SafeCheckpointHook', interval=1)
 
-    custom = Config(dict(train_cfg=dict(type='MyLoop'),
-                         default_hooks=dict(checkpoint=dict(type='MyCheckpointHook'))))
+    custom = Config(
+        dict(
+            train_cfg=dict(type='MyLoop'),
+            default_hooks=dict(checkpoint=dict(type='MyCheckpointHook'))))
     exact_resume_cfg(custom)
     assert custom.train_cfg.type == 'MyLoop'
     assert custom.default_hooks.checkpoint.type == 'MyCheckpointHook'

@@ -96,8 +96,14 @@ def assert_matches(got, ref, rtol):
             assert max_rel_err(dp[name], dp_r[name]) <= rtol, name
 
 
-def check_fused_vs_literal(variant, mode, dtype, rtol, shape=(2, C, 5, 7),
-                           perturb=0.0, layout=None, input_grad=True):
+def check_fused_vs_literal(variant,
+                           mode,
+                           dtype,
+                           rtol,
+                           shape=(2, C, 5, 7),
+                           perturb=0.0,
+                           layout=None,
+                           input_grad=True):
     """Fused against literal, forward and backward, on a random ``shape`` input in
     ``dtype`` (then laid out by ``LAYOUTS[layout]``)."""
     fused, literal = pair(variant, mode, c=shape[1], dtype=dtype, perturb=perturb)
@@ -128,28 +134,40 @@ def test_state_dict_names(variant, mode):
     c2, c8 = C // 2, C // 8
     if variant == 'paper':
         shapes = {
-            'ch_wv.weight': (c2, C, 1, 1), 'ch_wv.bias': (c2, ),
-            'ch_wq.weight': (1, C, 1, 1), 'ch_wq.bias': (1, ),
-            'ch_wz.weight': (C, c2, 1, 1), 'ch_wz.bias': (C, ),
-            'ln.weight': (C, ), 'ln.bias': (C, ),
-            'sp_wv.weight': (c2, C, 1, 1), 'sp_wv.bias': (c2, ),
-            'sp_wq.weight': (c2, C, 1, 1), 'sp_wq.bias': (c2, )}
+            'ch_wv.weight': (c2, C, 1, 1),
+            'ch_wv.bias': (c2, ),
+            'ch_wq.weight': (1, C, 1, 1),
+            'ch_wq.bias': (1, ),
+            'ch_wz.weight': (C, c2, 1, 1),
+            'ch_wz.bias': (C, ),
+            'ln.weight': (C, ),
+            'ln.bias': (C, ),
+            'sp_wv.weight': (c2, C, 1, 1),
+            'sp_wv.bias': (c2, ),
+            'sp_wq.weight': (c2, C, 1, 1),
+            'sp_wq.bias': (c2, )
+        }
     elif mode == 'parallel':
         shapes = {
             'conv_q_right.weight': (1, C, 1, 1),
             'conv_v_right.weight': (c2, C, 1, 1),
             'conv_up.weight': (C, c2, 1, 1),
             'conv_q_left.weight': (c2, C, 1, 1),
-            'conv_v_left.weight': (c2, C, 1, 1)}
+            'conv_v_left.weight': (c2, C, 1, 1)
+        }
     else:
         shapes = {
             'conv_q_right.weight': (1, C, 1, 1),
             'conv_v_right.weight': (c2, C, 1, 1),
-            'conv_up.0.weight': (c8, c2, 1, 1), 'conv_up.0.bias': (c8, ),
-            'conv_up.1.weight': (c8, 1, 1), 'conv_up.1.bias': (c8, 1, 1),
-            'conv_up.3.weight': (C, c8, 1, 1), 'conv_up.3.bias': (C, ),
+            'conv_up.0.weight': (c8, c2, 1, 1),
+            'conv_up.0.bias': (c8, ),
+            'conv_up.1.weight': (c8, 1, 1),
+            'conv_up.1.bias': (c8, 1, 1),
+            'conv_up.3.weight': (C, c8, 1, 1),
+            'conv_up.3.bias': (C, ),
             'conv_q_left.weight': (c2, C, 1, 1),
-            'conv_v_left.weight': (c2, C, 1, 1)}
+            'conv_v_left.weight': (c2, C, 1, 1)
+        }
     sd = block.state_dict()
     assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
     # the identity observation points hold nothing
@@ -175,11 +193,9 @@ def paper_equations(block, x):
         q = q + block.ch_wq.bias
         v = torch.einsum('oc,bcn->bon', w2(block.ch_wv), X)
         v = v + block.ch_wv.bias[:, None]
-        z = torch.einsum('io,bo->bi', w2(block.ch_wz),
-                         torch.einsum('bon,bn->bo', v, q.softmax(-1)))
+        z = torch.einsum('io,bo->bi', w2(block.ch_wz), torch.einsum('bon,bn->bo', v, q.softmax(-1)))
         z = z + block.ch_wz.bias
-        return torch.sigmoid(_ln(z, block.ln.weight, block.ln.bias,
-                                 block.ln.eps))  # (B, C)
+        return torch.sigmoid(_ln(z, block.ln.weight, block.ln.bias, block.ln.eps))  # (B, C)
 
     def a_sp(Y):
         q = torch.einsum('oc,bcn->bon', w2(block.sp_wq), Y)
@@ -205,8 +221,7 @@ def test_literal_paper_is_the_equations(mode):
         block.ln.weight.uniform_(0.5, 1.5)
         block.ln.bias.uniform_(-0.5, 0.5)
     x = torch.randn(2, C, 5, 7, dtype=torch.float64)
-    torch.testing.assert_close(block(x), paper_equations(block, x),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(block(x), paper_equations(block, x), rtol=1e-12, atol=1e-12)
 
 
 class ExtAttnLayout(nn.Module):
@@ -244,16 +259,14 @@ class RefPSA(nn.Module):
         self.conv_v_right = nn.Conv2d(c, c2, 1, bias=False)
         if sequential:
             self.conv_up = nn.Sequential(
-                nn.Conv2d(c2, c2 // 4, 1), nn.LayerNorm([c2 // 4, 1, 1]),
-                nn.ReLU(inplace=True), nn.Conv2d(c2 // 4, c, 1))
+                nn.Conv2d(c2, c2 // 4, 1), nn.LayerNorm([c2 // 4, 1, 1]), nn.ReLU(inplace=True),
+                nn.Conv2d(c2 // 4, c, 1))
         else:
             self.conv_up = nn.Conv2d(c2, c, 1, bias=False)
         self.conv_q_left = nn.Conv2d(c, c2, 1, bias=False)
         self.conv_v_left = nn.Conv2d(c, c2, 1, bias=False)
-        for m in (self.conv_q_right, self.conv_v_right, self.conv_q_left,
-                  self.conv_v_left):
-            nn.init.kaiming_normal_(m.weight, mode='fan_in',
-                                    nonlinearity='relu')
+        for m in (self.conv_q_right, self.conv_v_right, self.conv_q_left, self.conv_v_left):
+            nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
 
     def channel_attention(self, x):  # the released `spatial_pool`
         v = self.conv_v_right(x)
@@ -306,8 +319,7 @@ class ATenOnly:
         self.ext = ext
 
     def fused_psa(self, x, paper, sequential, eps, params):
-        return self.ext.fused_psa(x, paper, sequential, eps, params,
-                                  cpu_kernel=False)
+        return self.ext.fused_psa(x, paper, sequential, eps, params, cpu_kernel=False)
 
 
 def select_path(path, monkeypatch):
@@ -334,16 +346,14 @@ def form(request, monkeypatch):
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_fused_matches_literal_fp32(variant, mode, fused_path):
     check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5)
-    check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5,
-                           shape=(1, C, 7, 5))
+    check_fused_vs_literal(variant, mode, torch.float32, rtol=1e-5, shape=(1, C, 7, 5))
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_fused_matches_literal_fp64(variant, mode, fused_path):
-    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11,
-                           perturb=0.3)
-    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11,
-                           shape=(1, C, 3, 1), perturb=0.3)
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, perturb=0.3)
+    check_fused_vs_literal(
+        variant, mode, torch.float64, rtol=1e-11, shape=(1, C, 3, 1), perturb=0.3)
 
 
 def kernel_taken(x, params, **kw):
@@ -361,8 +371,7 @@ def kernel_taken(x, params, **kw):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        a_ch = psa_fused._EXT.fused_psa(x, True, False, params.ln_eps, params.tensors,
-                                        **kw)[1]
+        a_ch = psa_fused._EXT.fused_psa(x, True, False, params.ln_eps, params.tensors, **kw)[1]
     return len(own) <= 2, a_ch
 
 
@@ -397,8 +406,7 @@ def test_cpu_kernel_two_threads(variant, mode, shape):
     torch.set_num_threads(2)
     params = make('paper', 'parallel', c=shape[1]).fused_params()
     assert kernel_taken(torch.randn(*shape), params)[0]
-    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, shape=shape,
-                           perturb=0.3)
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, shape=shape, perturb=0.3)
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
@@ -436,8 +444,9 @@ def test_without_extension_runs_plain_ops(monkeypatch):
     for variant, mode in ALL:
         check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11)
     with pytest.raises(RuntimeError, match='not built'):
-        psa_fused.fused_function(torch.randn(1, 8, 2, 2), 'paper', False,
-                                 make('paper', 'parallel', c=8).fused_params())
+        psa_fused.fused_function(
+            torch.randn(1, 8, 2, 2), 'paper', False,
+            make('paper', 'parallel', c=8).fused_params())
 
 
 def test_stale_extension_is_refused(monkeypatch):
@@ -506,15 +515,13 @@ def test_no_grad_eval_deepcopy(variant, mode):
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_fused_input_layouts(variant, mode, layout, fused_path):
     # forward and backward on inputs as they come: the kernel reads only contiguous ones
-    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, perturb=0.3,
-                           layout=layout)
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, perturb=0.3, layout=layout)
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_input_without_grad(variant, mode, fused_path):
     # as the first block of a network: only the parameters need gradients
-    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, perturb=0.3,
-                           input_grad=False)
+    check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, perturb=0.3, input_grad=False)
 
 
 def test_double_backward_refuses():
@@ -630,8 +637,8 @@ def test_autocast_bf16(variant, mode, form):
     assert rec.seen and all(dt == torch.float32 for _, dt in rec.seen)
     assert got[0].dtype == got[1].dtype == torch.bfloat16
     assert all(g.dtype == torch.float32 for g in got[2].values())
-    assert_matches(got, fp64_literal(block, x, grad),
-                   half_rtol(torch.bfloat16, variant, mode, form))
+    assert_matches(got, fp64_literal(block, x, grad), half_rtol(torch.bfloat16, variant, mode,
+                                                                form))
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
@@ -672,8 +679,7 @@ def test_init_weights_reapplies(variant, mode):
 
 def test_init_cfg_and_parent_init():
     from mmengine.model import BaseModule
-    block = PolarizedSelfAttention(
-        16, init_cfg=dict(type='Constant', val=0.5, layer='Conv2d'))
+    block = PolarizedSelfAttention(16, init_cfg=dict(type='Constant', val=0.5, layer='Conv2d'))
     for _ in range(2):
         block.init_weights()
         assert torch.all(block.ch_wv.weight == 0.5)
@@ -681,8 +687,7 @@ def test_init_cfg_and_parent_init():
     class Parent(BaseModule):
 
         def __init__(self):
-            super().__init__(
-                init_cfg=dict(type='Constant', val=0.0, layer='Conv2d'))
+            super().__init__(init_cfg=dict(type='Constant', val=0.0, layer='Conv2d'))
             self.psa = PolarizedSelfAttention(16)
 
     parent = Parent()
@@ -699,8 +704,7 @@ def test_init_cfg_and_parent_init():
     (dict(in_channels=8.0), 'in_channels'),
     (dict(in_channels=True), 'in_channels'),
     (dict(in_channels='8'), 'in_channels'),
-    (dict(in_channels=6, mode='sequential', variant='official'),
-     'in_channels'),
+    (dict(in_channels=6, mode='sequential', variant='official'), 'in_channels'),
     (dict(in_channels=8, mode='serial'), 'mode'),
     (dict(in_channels=8, variant='released'), 'variant'),
     (dict(in_channels=8, fused='yes'), 'fused'),
@@ -729,22 +733,27 @@ def test_registered_once_builds_from_both_scopes():
     assert ROOT.get('PolarizedSelfAttention') is PolarizedSelfAttention
     for registry in (SEG, POSE):
         assert 'PolarizedSelfAttention' not in registry.module_dict
-        block = registry.build(dict(type='PolarizedSelfAttention',
-                                    in_channels=8))
+        block = registry.build(dict(type='PolarizedSelfAttention', in_channels=8))
         assert type(block) is PolarizedSelfAttention
         assert block.in_channels == 8
     block = SEG.build(
-        dict(type='PolarizedSelfAttention', in_channels=16,
-             mode='sequential', variant='official', fused=False))
+        dict(
+            type='PolarizedSelfAttention',
+            in_channels=16,
+            mode='sequential',
+            variant='official',
+            fused=False))
     assert (block.mode, block.variant, block.fused) == ('sequential', 'official', False)
 
 
 def test_mmseg_resnet50_plugin():
     from mmseg.registry import MODELS as SEG
     backbone = SEG.build(
-        dict(type='ResNetV1c', depth=50, init_cfg=None,
-             plugins=[dict(cfg=dict(type='PolarizedSelfAttention'),
-                           position='after_conv2')]))
+        dict(
+            type='ResNetV1c',
+            depth=50,
+            init_cfg=None,
+            plugins=[dict(cfg=dict(type='PolarizedSelfAttention'), position='after_conv2')]))
     keys = backbone.state_dict().keys()
     assert 'layer1.0.psa.ch_wv.weight' in keys
     assert 'layer4.2.psa.sp_wq.bias' in keys

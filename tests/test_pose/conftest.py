@@ -16,8 +16,7 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_config(name: str, data_root: str, work_dir: Optional[str] = None,
-                **overrides) -> Config:
+def tiny_config(name: str, data_root: str, work_dir: Optional[str] = None, **overrides) -> Config:
     """A tiny config with its data (train, val, test, metric) under ``data_root``.
 
     Args:
@@ -82,9 +81,13 @@ def _train(name: str, data_root: Path, work_dir: Path) -> Dict:
     with one_thread():
         runner.train()
     hub = runner.message_hub
-    return dict(cfg=cfg, work_dir=work_dir, epochs=cfg.train_cfg.max_epochs,
-                iters=runner.iter, ap=hub.get_scalar('val/coco/AP').current(),
-                checkpoint=work_dir / f'epoch_{cfg.train_cfg.max_epochs}.pth')
+    return dict(
+        cfg=cfg,
+        work_dir=work_dir,
+        epochs=cfg.train_cfg.max_epochs,
+        iters=runner.iter,
+        ap=hub.get_scalar('val/coco/AP').current(),
+        checkpoint=work_dir / f'epoch_{cfg.train_cfg.max_epochs}.pth')
 
 
 @pytest.fixture(scope='session')

@@ -12,14 +12,22 @@ from mmpsa.utils.benchmark_backbone import HRNET_W48_EXTRA
 
 #: A narrow HRNet: 2 Bottlenecks in stage 1, one BasicBlock per branch after (2+2+3+4).
 NARROW = dict(
-    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(2, ),
-                num_channels=(8, )),
-    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1),
-                num_channels=(8, 16)),
-    stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(1, 1, 1),
-                num_channels=(8, 16, 32)),
-    stage4=dict(num_modules=1, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1),
-                num_channels=(8, 16, 32, 64)))
+    stage1=dict(
+        num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(2, ), num_channels=(8, )),
+    stage2=dict(
+        num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1), num_channels=(8, 16)),
+    stage3=dict(
+        num_modules=1,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(1, 1, 1),
+        num_channels=(8, 16, 32)),
+    stage4=dict(
+        num_modules=1,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(1, 1, 1, 1),
+        num_channels=(8, 16, 32, 64)))
 
 #: A narrow ResNet-18 (widths 16..128).
 R18 = dict(depth=18, stem_channels=16, base_channels=16)
@@ -34,8 +42,7 @@ IDS = [c[0].__name__ for c in CASES]
 
 
 def _psas(model):
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, PolarizedSelfAttention)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, PolarizedSelfAttention)}
 
 
 def _x(h=64, w=64):  # mmpose's HRNet needs sides divisible by 32
@@ -67,8 +74,7 @@ def test_hrnet_w48_paper_counts_and_params(psa_block_params, psa_input_channels)
 
 
 @pytest.mark.parametrize('mode, variant', [('parallel', 'paper'), ('sequential', 'paper'),
-                                           ('parallel', 'official'),
-                                           ('sequential', 'official')])
+                                           ('parallel', 'official'), ('sequential', 'official')])
 @pytest.mark.parametrize('psa_cls, stock_cls, kwargs', CASES, ids=IDS)
 def test_params_increase_is_exactly_the_blocks(psa_cls, stock_cls, kwargs, mode, variant,
                                                psa_block_params, psa_input_channels):
@@ -112,8 +118,7 @@ def test_stock_state_dict_loads(psa_cls, stock_cls, kwargs):
     result = model.load_state_dict(stock.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all('.psa.' in k for k in result.missing_keys)
-    assert len(result.missing_keys) == len(
-        [k for k in model.state_dict() if '.psa.' in k])
+    assert len(result.missing_keys) == len([k for k in model.state_dict() if '.psa.' in k])
     ours = model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in stock.state_dict().items())
 
@@ -145,8 +150,8 @@ def test_pretrained_checkpoint_keeps_psa_weights(tmp_path):
     stock.init_weights()
     ckpt = tmp_path / 'stock.pth'
     torch.save(stock.state_dict(), ckpt)
-    model = PSAHRNet(extra=NARROW, psa=dict(),
-                     init_cfg=dict(type='Pretrained', checkpoint=str(ckpt)))
+    model = PSAHRNet(
+        extra=NARROW, psa=dict(), init_cfg=dict(type='Pretrained', checkpoint=str(ckpt)))
     model.init_weights()
     ours = model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in stock.state_dict().items())
@@ -154,9 +159,13 @@ def test_pretrained_checkpoint_keeps_psa_weights(tmp_path):
         torch.nn.init.constant_(p.sp_wq.weight, -0.5)
     ckpt_psa = tmp_path / 'psa.pth'
     torch.save(model.state_dict(), ckpt_psa)
-    again = PSAHRNet(extra=NARROW, psa=dict(),
-                     init_cfg=[dict(type='Normal', std=0.001, layer=['Conv2d']),
-                               dict(type='Pretrained', checkpoint=str(ckpt_psa))])
+    again = PSAHRNet(
+        extra=NARROW,
+        psa=dict(),
+        init_cfg=[
+            dict(type='Normal', std=0.001, layer=['Conv2d']),
+            dict(type='Pretrained', checkpoint=str(ckpt_psa))
+        ])
     again.init_weights()
     assert all((p.sp_wq.weight == -0.5).all() for p in _psas(again).values())
     assert torch.equal(again.conv1.weight, stock.conv1.weight)

@@ -31,7 +31,9 @@ EXPECTED = {
     for m in 'ps'
     for tail in ['res50_8xb64-210e_coco-256x192'] + [
         f'{net}-210e_coco-{size}' for size in ('256x192', '384x288')
-        for net in ('hrnet-w32_8xb64', 'hrnet-w48_8xb32', 'hrnet-w48_udp-8xb32')]}
+        for net in ('hrnet-w32_8xb64', 'hrnet-w48_8xb32', 'hrnet-w48_udp-8xb32')
+    ]
+}
 
 
 def _stock_path(cfg_path: Path) -> Path:
@@ -68,8 +70,7 @@ def test_backbone_config_is_stock_plus_one_line(path):
     backbone, stock_backbone = ours['model']['backbone'], stock['model']['backbone']
     assert backbone.pop('type') == 'PSA' + stock_backbone.pop('type')
     mode = 'parallel' if '_psa-p-' in path.name else 'sequential'
-    assert backbone.pop('psa') == dict(mode=mode, variant='paper',
-                                       stages=(True, True, True, True))
+    assert backbone.pop('psa') == dict(mode=mode, variant='paper', stages=(True, True, True, True))
     assert ours == stock  # nothing else differs
     assert ours['train_dataloader']['dataset']['data_root'] == 'data/coco/'
 
@@ -88,7 +89,8 @@ def test_head_neck_configs_are_opt_in_diffs(path):
     if 'psa-p-neck' in path.name:
         neck = model.pop('neck')
         assert neck['type'] == 'PSANeck' and neck['in_channels'] == [
-            stock_model['head']['in_channels']]
+            stock_model['head']['in_channels']
+        ]
     if path.name.startswith('td-hm_psa-'):  # PSA backbone as well
         assert model['backbone'].pop('type') == 'PSAHRNet'
         stock_model['backbone'].pop('type')

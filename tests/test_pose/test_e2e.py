@@ -70,17 +70,17 @@ class _Probe(Hook):
     def before_train(self, runner) -> None:
         self.epoch, self.iter = runner.epoch, runner.iter
         self.state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
-        self.optim_steps = [s.get('step') for s in
-                            runner.optim_wrapper.optimizer.state_dict()['state'].values()]
+        self.optim_steps = [
+            s.get('step') for s in runner.optim_wrapper.optimizer.state_dict()['state'].values()
+        ]
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_resume_continues_from_checkpoint(request, name, make_tiny_config, tiny_coco,
-                                          tmp_path):
+def test_resume_continues_from_checkpoint(request, name, make_tiny_config, tiny_coco, tmp_path):
     trained = _trained(request, name)
     epochs = trained['epochs']
-    cfg = make_tiny_config(name, tiny_coco, tmp_path,
-                           train_cfg=dict(max_epochs=epochs + 1, val_interval=1))
+    cfg = make_tiny_config(
+        name, tiny_coco, tmp_path, train_cfg=dict(max_epochs=epochs + 1, val_interval=1))
     cfg.resume = True
     cfg.load_from = str(trained['checkpoint'])
     runner = Runner.from_cfg(cfg)
@@ -98,8 +98,7 @@ def test_resume_continues_from_checkpoint(request, name, make_tiny_config, tiny_
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_test_loop_reproduces_val_ap(request, name, make_tiny_config, tiny_coco,
-                                     tmp_path):
+def test_test_loop_reproduces_val_ap(request, name, make_tiny_config, tiny_coco, tmp_path):
     trained = _trained(request, name)
     cfg = make_tiny_config(name, tiny_coco, tmp_path)
     cfg.load_from = str(trained['checkpoint'])
@@ -109,17 +108,24 @@ def test_test_loop_reproduces_val_ap(request, name, make_tiny_config, tiny_coco,
 
 def test_mim_train_as_users_run_it(make_tiny_config, tiny_coco, tmp_path):
     """``mim train mmpose CONFIG --gpus 0 --work-dir W``: mmpose's tools/train.py on CPU."""
-    cfg = make_tiny_config('hrnet', tiny_coco,
-                           train_cfg=dict(max_epochs=1, val_interval=1),
-                           train_dataloader=dict(dataset=dict(indices=64)))
+    cfg = make_tiny_config(
+        'hrnet',
+        tiny_coco,
+        train_cfg=dict(max_epochs=1, val_interval=1),
+        train_dataloader=dict(dataset=dict(indices=64)))
     config = tmp_path / 'tiny_hrnet.py'
     cfg.dump(str(config))
     work_dir = tmp_path / 'work'
     mim = Path(sys.executable).with_name('mim')
     env = dict(os.environ, OMP_NUM_THREADS='1')  # see conftest.one_thread
     proc = subprocess.run(
-        [str(mim), 'train', 'mmpose', str(config), '--gpus', '0', '--work-dir',
-         str(work_dir)], capture_output=True, text=True, timeout=300, env=env)
+        [str(mim), 'train', 'mmpose',
+         str(config), '--gpus', '0', '--work-dir',
+         str(work_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (work_dir / 'epoch_1.pth').exists()
     logs = list(work_dir.glob('*/vis_data/scalars.json'))
@@ -132,15 +138,13 @@ def test_mim_train_as_users_run_it(make_tiny_config, tiny_coco, tmp_path):
 def test_inference_topdown_finds_the_keypoints(request, name, tiny_coco):
     from mmpose.apis import inference_topdown, init_model
     trained = _trained(request, name)
-    model = init_model(copy.deepcopy(trained['cfg']), str(trained['checkpoint']),
-                       device='cpu')
-    coco = json.loads((tiny_coco / 'annotations' / 'person_keypoints_val2017.json')
-                      .read_text())
+    model = init_model(copy.deepcopy(trained['cfg']), str(trained['checkpoint']), device='cpu')
+    coco = json.loads((tiny_coco / 'annotations' / 'person_keypoints_val2017.json').read_text())
     image = coco['images'][0]
     anns = [a for a in coco['annotations'] if a['image_id'] == image['id']]
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)])
-    results = inference_topdown(model, str(tiny_coco / 'val2017' / image['file_name']),
-                                bboxes=boxes)
+    results = inference_topdown(
+        model, str(tiny_coco / 'val2017' / image['file_name']), bboxes=boxes)
     assert len(results) == len(anns)
     hits, total = 0, 0
     for result, ann in zip(results, anns):

@@ -11,22 +11,28 @@ from mmpose.registry import MODELS
 import mmpsa  # noqa: F401  (registers)
 from mmpsa.layers import PolarizedSelfAttention
 from mmpsa.pose.heads import PSAHeatmapHead
-from mmpsa.pose.necks import PSANeck
 
 init_default_scope('mmpose')
 pytestmark = pytest.mark.usefixtures('single_thread')
 
-PSA_ARGS = [dict(mode=m, variant=v) for m in ('parallel', 'sequential')
-            for v in ('paper', 'official')]
+PSA_ARGS = [
+    dict(mode=m, variant=v) for m in ('parallel', 'sequential') for v in ('paper', 'official')
+]
 PSA_IDS = [f"{a['mode']}-{a['variant']}" for a in PSA_ARGS]
 # (HeatmapHead kwargs, input channels): HRNet-style (no deconv) and SimpleBaseline-style
 HEADS = {
-    'hrnet': dict(in_channels=16, out_channels=17, deconv_out_channels=None),
-    'simplebaseline': dict(in_channels=32, out_channels=17, deconv_out_channels=(16, 16),
-                           deconv_kernel_sizes=(4, 4)),
-    'convs': dict(in_channels=32, out_channels=17, deconv_out_channels=(16, ),
-                  deconv_kernel_sizes=(4, ), conv_out_channels=(24, ),
-                  conv_kernel_sizes=(3, )),
+    'hrnet':
+    dict(in_channels=16, out_channels=17, deconv_out_channels=None),
+    'simplebaseline':
+    dict(in_channels=32, out_channels=17, deconv_out_channels=(16, 16), deconv_kernel_sizes=(4, 4)),
+    'convs':
+    dict(
+        in_channels=32,
+        out_channels=17,
+        deconv_out_channels=(16, ),
+        deconv_kernel_sizes=(4, ),
+        conv_out_channels=(24, ),
+        conv_kernel_sizes=(3, )),
 }
 
 
@@ -104,18 +110,24 @@ def test_head_trains_the_block():
 
 def test_head_bad_config():
     with pytest.raises(ValueError, match="PSAHeatmapHead: unknown psa key 'foo'"):
-        PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
-                       psa=dict(mode='parallel', foo=1))
+        PSAHeatmapHead(
+            in_channels=16,
+            out_channels=17,
+            deconv_out_channels=None,
+            psa=dict(mode='parallel', foo=1))
     with pytest.raises(ValueError, match='psa must be a dict'):
         PSAHeatmapHead(in_channels=16, out_channels=17, psa='parallel')
     with pytest.raises(ValueError, match='in_channels'):
-        PSAHeatmapHead(in_channels=[16, 32], out_channels=17, deconv_out_channels=None,
-                       psa=dict(mode='parallel'))
+        PSAHeatmapHead(
+            in_channels=[16, 32],
+            out_channels=17,
+            deconv_out_channels=None,
+            psa=dict(mode='parallel'))
     with pytest.raises(ValueError, match='variant'):
-        PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
-                       psa=dict(variant='released'))
-    head = PSAHeatmapHead(in_channels=16, out_channels=17, deconv_out_channels=None,
-                          psa=dict(mode='parallel'))
+        PSAHeatmapHead(
+            in_channels=16, out_channels=17, deconv_out_channels=None, psa=dict(variant='released'))
+    head = PSAHeatmapHead(
+        in_channels=16, out_channels=17, deconv_out_channels=None, psa=dict(mode='parallel'))
     with pytest.raises(ValueError, match='in_channels=16 does not match'):
         head((torch.randn(1, 32, 8, 6), ))
 
@@ -128,6 +140,7 @@ def test_head_survives_deepcopy():
 
 
 # ---- cross-module mismatches fail when the pose estimator is built (not at the first forward)
+
 
 def _tiny_estimator_cfg() -> dict:
     from mmpsa.utils.tiny import TINY_POSE, tiny_config

@@ -11,14 +11,22 @@ from mmpsa.seg.backbones import PSAHRNet, PSAResNet, PSAResNetV1c, PSAResNetV1d
 
 #: A narrow HRNet: 2 Bottlenecks in stage 1, one BasicBlock per branch after (2+2+3+4).
 NARROW = dict(
-    stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(2, ),
-                num_channels=(8, )),
-    stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1),
-                num_channels=(8, 16)),
-    stage3=dict(num_modules=1, num_branches=3, block='BASIC', num_blocks=(1, 1, 1),
-                num_channels=(8, 16, 32)),
-    stage4=dict(num_modules=1, num_branches=4, block='BASIC', num_blocks=(1, 1, 1, 1),
-                num_channels=(8, 16, 32, 64)))
+    stage1=dict(
+        num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(2, ), num_channels=(8, )),
+    stage2=dict(
+        num_modules=1, num_branches=2, block='BASIC', num_blocks=(1, 1), num_channels=(8, 16)),
+    stage3=dict(
+        num_modules=1,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(1, 1, 1),
+        num_channels=(8, 16, 32)),
+    stage4=dict(
+        num_modules=1,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(1, 1, 1, 1),
+        num_channels=(8, 16, 32, 64)))
 
 #: A narrow ResNet-18 (widths 16..128).
 R18 = dict(depth=18, stem_channels=16, base_channels=16)
@@ -34,8 +42,7 @@ IDS = [c[0].__name__ for c in CASES]
 
 
 def _psas(model):
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, PolarizedSelfAttention)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, PolarizedSelfAttention)}
 
 
 def _x(h=64, w=64):
@@ -74,8 +81,7 @@ def _params(model):
 
 
 @pytest.mark.parametrize('mode, variant', [('parallel', 'paper'), ('sequential', 'paper'),
-                                           ('parallel', 'official'),
-                                           ('sequential', 'official')])
+                                           ('parallel', 'official'), ('sequential', 'official')])
 @pytest.mark.parametrize('psa_cls, stock_cls, kwargs', CASES, ids=IDS)
 def test_params_increase_is_exactly_the_blocks(psa_cls, stock_cls, kwargs, mode, variant,
                                                psa_block_params, psa_input_channels):
@@ -89,16 +95,22 @@ def test_released_placement_params(psa_block_params, psa_input_channels):
     stock = HRNet(extra=NARROW)
     psa = dict(stages=(False, True, True, True), mode='sequential', variant='official')
     model = PSAHRNet(extra=NARROW, psa=psa)
-    channels = [c for stage in (stock.stage2, stock.stage3, stock.stage4)
-                for c in psa_input_channels(stage)]
+    channels = [
+        c for stage in (stock.stage2, stock.stage3, stock.stage4) for c in psa_input_channels(stage)
+    ]
     assert channels == [8, 16, 8, 16, 32, 8, 16, 32, 64]
     expected = sum(psa_block_params(c, 'sequential', 'official') for c in channels)
     assert _params(model) - _params(stock) == expected
 
 
 def test_resnet_stages_follow_num_stages():
-    model = PSAResNet(**R18, num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1),
-                      out_indices=(0, 1, 2), psa=dict(stages=(False, False, True)))
+    model = PSAResNet(
+        **R18,
+        num_stages=3,
+        strides=(1, 2, 2),
+        dilations=(1, 1, 1),
+        out_indices=(0, 1, 2),
+        psa=dict(stages=(False, False, True)))
     assert sorted(_psas(model)) == ['layer3.0.psa', 'layer3.1.psa']
 
 
@@ -126,8 +138,7 @@ def test_stock_state_dict_loads(psa_cls, stock_cls, kwargs):
     result = model.load_state_dict(stock.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all('.psa.' in k for k in result.missing_keys)
-    assert len(result.missing_keys) == len(
-        [k for k in model.state_dict() if '.psa.' in k])
+    assert len(result.missing_keys) == len([k for k in model.state_dict() if '.psa.' in k])
     ours = model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in stock.state_dict().items())
 

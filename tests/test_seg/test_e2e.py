@@ -54,8 +54,8 @@ def test_init_model_and_inference_model(tiny_run, tiny_data_root):
     model = init_model(run.cfg, str(run.work_dir / f'iter_{run.max_iters}.pth'), device='cpu')
     img = sorted((tiny_data_root / 'leftImg8bit' / 'val').rglob('*_leftImg8bit.png'))[0]
     rel = img.relative_to(tiny_data_root / 'leftImg8bit')
-    seg = tiny_data_root / 'gtFine' / rel.parent / rel.name.replace(
-        '_leftImg8bit.png', '_gtFine_labelTrainIds.png')
+    seg = tiny_data_root / 'gtFine' / rel.parent / rel.name.replace('_leftImg8bit.png',
+                                                                    '_gtFine_labelTrainIds.png')
     gt = cv2.imread(str(seg), cv2.IMREAD_UNCHANGED)
     result = inference_model(model, str(img))
     pred = result.pred_sem_seg.data[0].numpy()
@@ -70,16 +70,28 @@ def test_mim_train_runs_the_psa_config(tiny_data_root, tmp_path):
     assert mim.exists(), f'openmim is a test requirement; {mim} is missing'
     config = REPO / 'configs/mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
     work_dir = tmp_path / 'work'
-    options = [f'{loader}.dataset.data_root={tiny_data_root}'
-               for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
-    options += ['train_cfg.max_iters=2', 'train_cfg.val_interval=2',
-                'default_hooks.checkpoint.interval=2']
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-    proc = subprocess.run(
-        [str(mim), 'train', 'mmseg', str(config), '--gpus', '0', '--work-dir', str(work_dir),
-         '--cfg-options', *options],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    options = [
+        f'{loader}.dataset.data_root={tiny_data_root}'
+        for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+    ]
+    options += [
+        'train_cfg.max_iters=2', 'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2'
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS='1',
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    proc = subprocess.run([
+        str(mim), 'train', 'mmseg',
+        str(config), '--gpus', '0', '--work-dir',
+        str(work_dir), '--cfg-options', *options
+    ],
+                          cwd=tmp_path,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (work_dir / 'iter_2.pth').exists()
     logs = list(work_dir.rglob('*.log'))
@@ -91,9 +103,9 @@ def test_checkpoints_hold_trained_psa_weights(tiny_run):
     import torch
 
     run = tiny_run('deeplabv3plus')
-    mid, last = (torch.load(run.work_dir / f'iter_{i}.pth', map_location='cpu',
-                            weights_only=True)['state_dict']
-                 for i in (run.mid_iter, run.max_iters))
+    mid, last = (
+        torch.load(run.work_dir / f'iter_{i}.pth', map_location='cpu',
+                   weights_only=True)['state_dict'] for i in (run.mid_iter, run.max_iters))
     keys = [k for k in last if '.psa.' in k]
     assert any(k.startswith('backbone.layer1.0.psa.') for k in keys)
     assert any(k.startswith('backbone.layer4.1.psa.') for k in keys)

@@ -22,15 +22,35 @@ SIZES = [16, 8, 4, 2]
 # head name -> (stock class, PSA class, kwargs, channels the PSA sees)
 HEADS = {
     'sep_aspp': (DepthwiseSeparableASPPHead, PSASepASPPHead,
-                 dict(in_channels=32, in_index=3, channels=16, dilations=(1, 2),
-                      c1_in_channels=8, c1_channels=4, num_classes=5, norm_cfg=BN), 16),
+                 dict(
+                     in_channels=32,
+                     in_index=3,
+                     channels=16,
+                     dilations=(1, 2),
+                     c1_in_channels=8,
+                     c1_channels=4,
+                     num_classes=5,
+                     norm_cfg=BN), 16),
     'fcn': (FCNHead, PSAFCNHead,
-            dict(in_channels=LEVELS, in_index=(0, 1, 2, 3), channels=40,
-                 input_transform='resize_concat', kernel_size=1, num_convs=1,
-                 concat_input=False, num_classes=5, norm_cfg=BN), sum(LEVELS)),
+            dict(
+                in_channels=LEVELS,
+                in_index=(0, 1, 2, 3),
+                channels=40,
+                input_transform='resize_concat',
+                kernel_size=1,
+                num_convs=1,
+                concat_input=False,
+                num_classes=5,
+                norm_cfg=BN), sum(LEVELS)),
     'ocr': (OCRHead, PSAOCRHead,
-            dict(in_channels=LEVELS, in_index=(0, 1, 2, 3), channels=16, ocr_channels=8,
-                 input_transform='resize_concat', num_classes=5, norm_cfg=BN), 16),
+            dict(
+                in_channels=LEVELS,
+                in_index=(0, 1, 2, 3),
+                channels=16,
+                ocr_channels=8,
+                input_transform='resize_concat',
+                num_classes=5,
+                norm_cfg=BN), 16),
 }
 
 
@@ -164,14 +184,13 @@ def test_psa_head_not_matching_the_backbone_fails_at_build(change, match):
 def test_psa_head_after_a_psa_neck_is_checked_against_the_neck():
     model = _tiny_model(HR)
     model.neck = dict(type='PSANeck', in_channels=[8, 16, 32, 64])
-    model.decode_head.update(type='PSAFCNHead', psa=dict(mode='parallel'),
-                             in_channels=[8, 16, 32, 72])
+    model.decode_head.update(
+        type='PSAFCNHead', psa=dict(mode='parallel'), in_channels=[8, 16, 32, 72])
     with pytest.raises(ValueError, match=r'in_channels does not match the neck.*\[8, 16, 32, 64\]'):
         MODELS.build(model)
     model.decode_head.in_channels = [8, 16, 32, 64]
     seg = MODELS.build(model).eval()
-    assert isinstance(seg.neck, PSANeck) and isinstance(seg.decode_head.psa,
-                                                        PolarizedSelfAttention)
+    assert isinstance(seg.neck, PSANeck) and isinstance(seg.decode_head.psa, PolarizedSelfAttention)
     assert seg(torch.randn(1, 3, 64, 128), mode='tensor').shape == (1, 19, 16, 32)
 
 

@@ -87,7 +87,6 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
 custom_hooks = [dict(type='PsaTestDDPProbe')]
 '''
 
-
 pytestmark = pytest.mark.usefixtures('cpu_without_yapf')
 
 
@@ -106,8 +105,7 @@ def seg_cfg(tmp_path_factory) -> Iterator[Path]:
     (root / 'plugin').mkdir()
     (root / 'plugin' / 'psa_test_probe.py').write_text(PROBE)
     cfg = root / 'ddp.py'
-    cfg.write_text(DDP_CFG.format(base=str(SEG_BASE), runtime=str(RUNTIME),
-                                  data=f'{root}/city/'))
+    cfg.write_text(DDP_CFG.format(base=str(SEG_BASE), runtime=str(RUNTIME), data=f'{root}/city/'))
     sys.path.insert(0, str(root / 'plugin'))  # for the in-process tools/test.py
     yield cfg
     sys.path.remove(str(root / 'plugin'))
@@ -115,16 +113,30 @@ def seg_cfg(tmp_path_factory) -> Iterator[Path]:
 
 def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path, load_tool):
     work_dir = tmp_path / 'ddp'
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PORT=str(_free_port()),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ['PATH']]),
-               PYTHONPATH=os.pathsep.join([str(seg_cfg.parent / 'plugin'), str(REPO)]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS='1',
+        CUDA_VISIBLE_DEVICES='',
+        PORT=str(_free_port()),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ['PATH']]),
+        PYTHONPATH=os.pathsep.join([str(seg_cfg.parent / 'plugin'),
+                                    str(REPO)]))
     proc = subprocess.run(
-        ['bash', str(REPO / 'tools/dist_train.sh'), str(seg_cfg), '2', '--work-dir',
-         str(work_dir)], env=env, capture_output=True, text=True, timeout=600)
+        ['bash',
+         str(REPO / 'tools/dist_train.sh'),
+         str(seg_cfg), '2', '--work-dir',
+         str(work_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
-    probes = {(when, rank): torch.load(work_dir / f'probe_{when}_rank{rank}.pth')
-              for when in ('before', 'after') for rank in (0, 1)}  # both ranks finished
+    probes = {
+        (when, rank): torch.load(work_dir / f'probe_{when}_rank{rank}.pth')
+        for when in ('before', 'after')
+        for rank in (0, 1)
+    }  # both ranks finished
     for probe in probes.values():
         assert probe['wrapper'] == 'MMDistributedDataParallel' and probe['world_size'] == 2
         assert 'SyncBatchNorm' not in probe['norms'] and 'BatchNorm2d' in probe['norms']
@@ -136,8 +148,8 @@ def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path, load_tool):
 
     # one checkpoint, written by rank 0 only, holding both ranks' RNG states
     assert probes['after', 0]['saved'] == ['iter_2.pth'] and probes['after', 1]['saved'] == []
-    assert sorted(p.name for p in work_dir.iterdir() if p.suffix == '.pth' and
-                  not p.name.startswith('probe')) == ['iter_2.pth']
+    assert sorted(p.name for p in work_dir.iterdir()
+                  if p.suffix == '.pth' and not p.name.startswith('probe')) == ['iter_2.pth']
     ckpt = torch.load(work_dir / 'iter_2.pth', weights_only=True)
     assert len(ckpt['message_hub']['runtime_info']['rng_states']['states']) == 2
     assert all(torch.equal(ckpt['state_dict'][k], after[0][k]) for k in before)
@@ -147,9 +159,12 @@ def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path, load_tool):
     torch.set_num_threads(1)
     try:
         load_tool('test').main([
-            str(seg_cfg), str(work_dir / 'iter_2.pth'), '--work-dir', str(tmp_path / 'test'),
-            '--out', str(tmp_path / 'pred'), '--cfg-options', 'experiment_name=tools-test',
-            'visualizer.name=tools-test'])
+            str(seg_cfg),
+            str(work_dir / 'iter_2.pth'), '--work-dir',
+            str(tmp_path / 'test'), '--out',
+            str(tmp_path / 'pred'), '--cfg-options', 'experiment_name=tools-test',
+            'visualizer.name=tools-test'
+        ])
     finally:
         torch.set_num_threads(threads)
     assert len(list((tmp_path / 'pred').rglob('*.png'))) == 2  # one label map per image
@@ -185,22 +200,29 @@ def test_amp_on_cpu_is_a_clear_error(seg_cfg, monkeypatch, load_tool):
 
 
 def test_launcher_env_translates_slurm_and_mpi():
-    slurm = launcher_env('slurm', dict(SLURM_PROCID='3', SLURM_NTASKS='8', SLURM_LOCALID='1',
-                                       MASTER_ADDR='node0'))
+    slurm = launcher_env(
+        'slurm', dict(SLURM_PROCID='3', SLURM_NTASKS='8', SLURM_LOCALID='1', MASTER_ADDR='node0'))
     assert slurm == dict(RANK='3', WORLD_SIZE='8', LOCAL_RANK='1', MASTER_PORT='29500')
-    mpi = launcher_env('mpi', dict(OMPI_COMM_WORLD_RANK='1', OMPI_COMM_WORLD_SIZE='2',
-                                   OMPI_COMM_WORLD_LOCAL_RANK='1', MASTER_ADDR='h',
-                                   MASTER_PORT='1234'))
+    mpi = launcher_env(
+        'mpi',
+        dict(
+            OMPI_COMM_WORLD_RANK='1',
+            OMPI_COMM_WORLD_SIZE='2',
+            OMPI_COMM_WORLD_LOCAL_RANK='1',
+            MASTER_ADDR='h',
+            MASTER_PORT='1234'))
     assert mpi == dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1')
     assert launcher_env('pytorch', {}) == {}
     with pytest.raises(LaunchError, match='MASTER_ADDR'):
-        launcher_env('mpi', dict(OMPI_COMM_WORLD_RANK='0', OMPI_COMM_WORLD_SIZE='1',
-                                 OMPI_COMM_WORLD_LOCAL_RANK='0'))
+        launcher_env(
+            'mpi',
+            dict(
+                OMPI_COMM_WORLD_RANK='0', OMPI_COMM_WORLD_SIZE='1', OMPI_COMM_WORLD_LOCAL_RANK='0'))
 
 
 def test_single_process_config_is_left_alone():
-    model = dict(backbone=dict(norm_cfg=dict(type='SyncBN')),
-                 heads=[dict(norm_cfg=dict(type='MMSyncBN'))])
+    model = dict(
+        backbone=dict(norm_cfg=dict(type='SyncBN')), heads=[dict(norm_cfg=dict(type='MMSyncBN'))])
     cfg = Config(dict(launcher='none', model=model))
     prepare_distributed(cfg)
     assert cfg.model.backbone.norm_cfg.type == 'SyncBN' and 'model_wrapper_cfg' not in cfg
@@ -242,15 +264,24 @@ def test_mim_train_uses_the_runtime_base(seg_cfg, tmp_path):
     mim = Path(sys.executable).parent / 'mim'
     assert mim.exists(), 'openmim is not installed in this environment (ENVIRONMENT.md)'
     work_dir = tmp_path / 'mim'
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='',
-               PYTHONPATH=os.pathsep.join([str(seg_cfg.parent / 'plugin'), str(REPO)]))
-    proc = subprocess.run(
-        [str(mim), 'train', 'mmseg', str(seg_cfg), '--gpus', '0', '--work-dir', str(work_dir),
-         '--cfg-options', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1',
-         'default_hooks.checkpoint.interval=1'],
-        env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS='1',
+        CUDA_VISIBLE_DEVICES='',
+        PYTHONPATH=os.pathsep.join([str(seg_cfg.parent / 'plugin'),
+                                    str(REPO)]))
+    proc = subprocess.run([
+        str(mim), 'train', 'mmseg',
+        str(seg_cfg), '--gpus', '0', '--work-dir',
+        str(work_dir), '--cfg-options', 'train_cfg.max_iters=1', 'train_cfg.val_interval=1',
+        'default_hooks.checkpoint.interval=1'
+    ],
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ckpt = torch.load(work_dir / 'iter_1.pth', weights_only=True)
     assert ckpt['message_hub']['runtime_info']['rng_states']['iter'] == 1
-    assert "type='ExactResumeIterBasedTrainLoop'" in ''.join(
-        p.read_text() for p in work_dir.rglob('*.log'))
+    assert "type='ExactResumeIterBasedTrainLoop'" in ''.join(p.read_text()
+                                                             for p in work_dir.rglob('*.log'))

@@ -24,8 +24,8 @@ def _one_thread():
 def test_tool_writes_non_constant_pictures(tmp_path: Path, scope: str, config: Path):
     from mmpsa.apis.attention import visualize_attention
     data = make_tiny_data(tmp_path / 'data', scope)
-    image = sorted((data / ('leftImg8bit/val' if scope == 'mmseg' else 'val2017')).rglob(
-        '*.png' if scope == 'mmseg' else '*.jpg'))[0]
+    image = sorted((data / ('leftImg8bit/val' if scope == 'mmseg' else 'val2017')
+                    ).rglob('*.png' if scope == 'mmseg' else '*.jpg'))[0]
     cfg = tiny_config(config, data)
     cfg_file = tmp_path / 'cfg.py'
     cfg.dump(str(cfg_file))

@@ -1,9 +1,12 @@
 # SimpleBaseline ResNet-50, top-down heatmaps on COCO: the stock mmpose config with PSA_s
 # (sequential, paper variant) in every residual block of every stage (arXiv 2107.00782).
-_base_ = ['mmpose::body_2d_keypoint/topdown_heatmap/coco/'
-          'td-hm_res50_8xb64-210e_coco-256x192.py']
+_base_ = [
+    'mmpose::body_2d_keypoint/topdown_heatmap/coco/'
+    'td-hm_res50_8xb64-210e_coco-256x192.py'
+]
 custom_imports = dict(imports=['mmpsa'], allow_failed_imports=False)
 
-model = dict(backbone=dict(
-    type='PSAResNet',
-    psa=dict(mode='sequential', variant='paper', stages=(True, True, True, True))))
+model = dict(
+    backbone=dict(
+        type='PSAResNet',
+        psa=dict(mode='sequential', variant='paper', stages=(True, True, True, True))))

@@ -19,5 +19,4 @@ model = dict(
         base_channels=16,
         init_cfg=None,
         psa=dict(mode='sequential', variant='paper', stages=(True, True, True, True))),
-    head=dict(in_channels=128, deconv_out_channels=(64, 64, 64),
-              deconv_kernel_sizes=(4, 4, 4)))
+    head=dict(in_channels=128, deconv_out_channels=(64, 64, 64), deconv_kernel_sizes=(4, 4, 4)))

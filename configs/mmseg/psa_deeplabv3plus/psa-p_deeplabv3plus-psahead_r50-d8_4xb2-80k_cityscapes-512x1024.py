@@ -2,6 +2,4 @@
 # decode head, on the fused ASPP features.
 _base_ = ['./psa-p_deeplabv3plus_r50-d8_4xb2-80k_cityscapes-512x1024.py']
 
-model = dict(decode_head=dict(
-    type='PSASepASPPHead',
-    psa=dict(mode='parallel', variant='paper')))
+model = dict(decode_head=dict(type='PSASepASPPHead', psa=dict(mode='parallel', variant='paper')))

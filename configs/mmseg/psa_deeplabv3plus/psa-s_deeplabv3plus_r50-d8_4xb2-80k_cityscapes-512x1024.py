@@ -4,6 +4,7 @@
 _base_ = ['mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb2-80k_cityscapes-512x1024.py']
 custom_imports = dict(imports=['mmpsa'], allow_failed_imports=False)
 
-model = dict(backbone=dict(
-    type='PSAResNetV1c',
-    psa=dict(mode='sequential', variant='paper', stages=(True, True, True, True))))
+model = dict(
+    backbone=dict(
+        type='PSAResNetV1c',
+        psa=dict(mode='sequential', variant='paper', stages=(True, True, True, True))))

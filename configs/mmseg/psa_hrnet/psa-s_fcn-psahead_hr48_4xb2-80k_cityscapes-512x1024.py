@@ -2,6 +2,4 @@
 # concatenated HRNet features (720 channels).
 _base_ = ['./psa-s_fcn_hr48_4xb2-80k_cityscapes-512x1024.py']
 
-model = dict(decode_head=dict(
-    type='PSAFCNHead',
-    psa=dict(mode='sequential', variant='official')))
+model = dict(decode_head=dict(type='PSAFCNHead', psa=dict(mode='sequential', variant='official')))

@@ -4,6 +4,7 @@
 _base_ = ['mmseg::ocrnet/ocrnet_hr48_4xb2-80k_cityscapes-512x1024.py']
 custom_imports = dict(imports=['mmpsa'], allow_failed_imports=False)
 
-model = dict(backbone=dict(
-    type='PSAHRNet',
-    psa=dict(mode='sequential', variant='official', stages=(False, True, True, True))))
+model = dict(
+    backbone=dict(
+        type='PSAHRNet',
+        psa=dict(mode='sequential', variant='official', stages=(False, True, True, True))))

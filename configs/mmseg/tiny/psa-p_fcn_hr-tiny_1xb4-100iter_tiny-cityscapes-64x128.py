@@ -3,6 +3,7 @@
 _base_ = ['./fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py']
 custom_imports = dict(imports=['mmpsa'], allow_failed_imports=False)
 
-model = dict(backbone=dict(
-    type='PSAHRNet',
-    psa=dict(mode='parallel', variant='official', stages=(False, True, True, True))))
+model = dict(
+    backbone=dict(
+        type='PSAHRNet',
+        psa=dict(mode='parallel', variant='official', stages=(False, True, True, True))))
