@@ -312,35 +312,17 @@ def test_literal_official_is_the_released_ops(mode):
 
 
 # --------------------------------------------------- fused vs literal
-class ATenOnly:
-    """mmpsa._ext with its per-sample CPU kernel off: the device-generic ATen path."""
-
-    def __init__(self, ext):
-        self.ext = ext
-
-    def fused_psa(self, x, paper, sequential, eps, params):
-        return self.ext.fused_psa(x, paper, sequential, eps, params, cpu_kernel=False)
-
-
-def select_path(path, monkeypatch):
-    """Send the compiled Function down ``path``: ``'cpu_kernel'`` (where it applies) or
-    ``'aten'``; ``'literal'`` changes nothing (the test builds a literal block)."""
-    if path == 'aten':
-        monkeypatch.setattr(psa_fused, '_EXT', ATenOnly(psa_fused._EXT))
-    return path
-
-
 @pytest.fixture(params=['cpu_kernel', 'aten'])
-def fused_path(request, monkeypatch):
+def fused_path(request, set_fused_path):
     """Run a test through both compiled paths (CPU kernel where it applies)."""
-    return select_path(request.param, monkeypatch)
+    return set_fused_path(request.param)
 
 
 @pytest.fixture(params=['cpu_kernel', 'aten', 'literal'])
-def form(request, monkeypatch):
+def form(request, set_fused_path):
     """Run a test through every evaluation: both compiled paths and the literal form
     (build the block with ``fused=form != 'literal'``)."""
-    return select_path(request.param, monkeypatch)
+    return set_fused_path(request.param)
 
 
 @pytest.mark.parametrize('variant,mode', ALL)

@@ -1,9 +1,7 @@
 """The fused paths' parameter form and source hash, and the attention maps hooks see
 (mmpsa/layers/psa_fused.py, psa.py, ext_source.py, mmpsa/csrc)."""
 import copy
-import functools
 import shutil
-import types
 
 import pytest
 import torch
@@ -26,21 +24,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make(variant, mode, dtype=torch.float32, seed=0):
+def make(variant, mode, dtype=torch.float32, seed=0, fused=True):
     torch.manual_seed(seed)
-    return PolarizedSelfAttention(C, mode=mode, variant=variant).to(dtype)
-
-
-def use_path(block, path, monkeypatch):
-    """Make ``block`` evaluate through ``path`` (one of :data:`PATHS`)."""
-    block.fused = path != 'literal'
-    if path == 'plain':
-        monkeypatch.setattr(psa_fused, '_EXT', None)
-    elif path == 'aten':
-        ext = psa_fused._EXT
-        monkeypatch.setattr(
-            psa_fused, '_EXT',
-            types.SimpleNamespace(fused_psa=functools.partial(ext.fused_psa, cpu_kernel=False)))
+    return PolarizedSelfAttention(C, mode=mode, variant=variant, fused=fused).to(dtype)
 
 
 # ------------------------------------------------------ parameter form
@@ -129,13 +115,13 @@ def run_with_hooks(block, x, edit=None):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('variant,mode', ALL)
-def test_maps_have_the_input_dtype_on_every_path(variant, mode, dtype, monkeypatch):
+def test_maps_have_the_input_dtype_on_every_path(variant, mode, dtype, monkeypatch, set_fused_path):
     x = torch.randn(2, C, 5, 7, dtype=dtype)
     maps = {}
     for path in PATHS:
-        block = make(variant, mode, dtype=dtype)
+        block = make(variant, mode, dtype=dtype, fused=path != 'literal')
         with monkeypatch.context() as patch:
-            use_path(block, path, patch)
+            set_fused_path(path, patch)
             maps[path] = run_with_hooks(block, x)[3]
         assert maps[path]['ch_attn'].dtype == dtype, path
         assert maps[path]['sp_attn'].dtype == dtype, path
@@ -149,10 +135,10 @@ def test_maps_have_the_input_dtype_on_every_path(variant, mode, dtype, monkeypat
 @pytest.mark.parametrize('edit', ['zero_', 'mul_'])
 @pytest.mark.parametrize('path', PATHS[1:])
 @pytest.mark.parametrize('variant,mode', ALL)
-def test_hook_may_edit_maps_in_place(variant, mode, path, edit, monkeypatch):
+def test_hook_may_edit_maps_in_place(variant, mode, path, edit, set_fused_path):
     # the fused paths compute from their own maps; a hook gets a tensor of its own
     block = make(variant, mode)
-    use_path(block, path, monkeypatch)
+    set_fused_path(path)
     x = torch.randn(2, C, 5, 7)
     out, gx, grads, _ = run_with_hooks(block, x)
     change = (lambda t: t.zero_()) if edit == 'zero_' else (lambda t: t.mul_(0))
