@@ -14,8 +14,10 @@ maths as plain autograd ops (slower; mmpsa warns).
 """
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 from typing import List
 
 HERE = Path(__file__).parent
@@ -75,6 +77,41 @@ def ext_build_args() -> dict:
         ext_modules=[ext], cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)})
 
 
+# what a wheel carries in mmpsa/.mim/ (OpenMMLab's layout, read by mim and mmengine); an
+# editable install reads them from the checkout (mmpsa/utils/paths.py finds either)
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
+
+
+class BuildPyWithMim(build_py):
+    """``build_py``, then :data:`MIM_FILES` copied into ``mmpsa/.mim/`` of the build folder.
+
+    The copy goes to the build folder only (never the source tree) and is made afresh each
+    time, so a removed config does not linger; an editable build copies nothing.
+    """
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return
+        mim = Path(self.build_lib) / 'mmpsa' / '.mim'
+        shutil.rmtree(mim, ignore_errors=True)
+        mim.mkdir(parents=True)
+        for name in MIM_FILES:
+            source = HERE / name
+            if source.is_dir():
+                shutil.copytree(
+                    source, mim / name, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+            else:
+                shutil.copy2(source, mim / name)
+
+
+def build_args() -> dict:
+    """``ext_modules`` and ``cmdclass``: the extension's (if built) and :class:`BuildPyWithMim`."""
+    args = ext_build_args()
+    args['cmdclass'] = dict(args.get('cmdclass', {}), build_py=BuildPyWithMim)
+    return args
+
+
 def parse_requirements(name: str) -> List[str]:
     """Read ``requirements/<name>.txt``, dropping comments and blank lines."""
     lines = (HERE / 'requirements' / f'{name}.txt').read_text().splitlines()
@@ -98,5 +135,5 @@ setup(
         'tests': parse_requirements('tests'),
     },
     zip_safe=False,
-    **ext_build_args(),
+    **build_args(),
 )

@@ -4,12 +4,16 @@ Importing the package registers everything (``custom_imports=dict(imports=['mmps
 the block, ``PSANeck`` and the checkpoint allow-list always; the mmseg part only when mmseg is
 installed and the mmpose part only when mmpose is. ``find_spec`` decides, not a
 try/except, so a broken install (e.g. an mmcv built for another torch) still fails loudly.
+It also lets mmengine resolve ``_base_ = 'mmpsa::...'`` (:mod:`mmpsa.utils.package_configs`).
 """
 import importlib.util
 
 from . import checkpoint, engine, layers, necks  # noqa: F401  (registers)
+from .utils.package_configs import enable_package_configs
 
 __version__ = '0.1.0'
+
+enable_package_configs()
 
 if importlib.util.find_spec('mmseg') is not None:
     from . import seg  # noqa: F401

@@ -35,6 +35,15 @@ def cpu_without_yapf() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test (two shared cores: more threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _psa_block_params(channels: int, mode: str = 'parallel', variant: str = 'paper') -> int:
     """Parameters of one PSA block on ``channels`` = C channels, from mmpsa/layers/psa.py's
     layer list (1x1 convs: C_in * C_out weights, + C_out if biased)."""

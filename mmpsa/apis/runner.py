@@ -27,6 +27,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from ..checkpoint import check_checkpoint_file
+from ..utils.paths import PACKAGE_PREFIX, config_path
 
 #: The ``default_scope`` values the tools know.
 SCOPES = ('mmseg', 'mmpose')
@@ -44,8 +45,8 @@ def load_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]
     """Load a config and merge ``--cfg-options`` into it.
 
     Args:
-        config: A path, a package config (``'mmseg::hrnet/fcn_hr48_...py'``), or a
-            ``Config`` (copied).
+        config: A path, a package config (``'mmseg::hrnet/fcn_hr48_...py'``,
+            ``'mmpsa::mmseg/tiny/...py'``), or a ``Config`` (copied).
         cfg_options: ``key=value`` overrides (mmengine's ``DictAction`` result).
 
     Returns:
@@ -53,6 +54,8 @@ def load_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]
     """
     if isinstance(config, Config):
         cfg = copy.deepcopy(config)
+    elif str(config).startswith(PACKAGE_PREFIX):
+        cfg = Config.fromfile(str(config_path(config)))
     elif '::' in str(config):
         from mmengine.hub import get_config  # package configs: mmseg::..., mmpose::...
         cfg = get_config(str(config))
