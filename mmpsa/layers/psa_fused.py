@@ -42,6 +42,7 @@ Every evaluation takes the block's parameters in one named form, :class:`PSAPara
 may edit them in place without touching the output or backward.
 """
 import importlib
+import os
 import os.path as osp
 import warnings
 from typing import List, NamedTuple, Optional, Tuple
@@ -118,6 +119,56 @@ def _for_hooks(a: Tensor, dtype: torch.dtype) -> Tensor:
     return a.detach().to(dtype, copy=True)
 
 
+def _pixel_weights(r: Tensor, prm: PSAParams) -> Tensor:
+    """``p = softmax_HW(w_q^T X + b_q)`` from ``r = w_q^T X`` ``(B, HW)``."""
+    if prm.ch_bq is not None:  # cancels in the softmax; kept for autograd
+        r = r + prm.ch_bq.to(r.dtype)
+    return torch.softmax(r, -1)
+
+
+def _channel_map(xp: Tensor, prm: PSAParams) -> Tensor:
+    """``a_ch`` ``(B, C)`` from ``X p`` ``(B, C)``, in ``xp``'s dtype."""
+    acc = xp.dtype
+    v = _linear(xp, prm.ch_wv, prm.ch_bv, acc)  # (B, C/2)
+    z = _linear(v, prm.ch_wz, prm.ch_bz, acc)
+    if prm.ch_ln_w is not None:
+        z = F.layer_norm(z, (z.shape[1], ),
+                         prm.ch_ln_w.to(acc).flatten(),
+                         None if prm.ch_ln_b is None else prm.ch_ln_b.to(acc).flatten(), prm.ln_eps)
+    if prm.ch_wz2 is not None:
+        z = _linear(torch.relu(z), prm.ch_wz2, prm.ch_bz2, acc)
+    return torch.sigmoid(z)
+
+
+def _spatial_query(g: Tensor, a_ch: Tensor, prm: PSAParams, seq: bool) -> Tensor:
+    """``W_sq GP + b_sq`` ``(B, C/2)`` from ``g = GP(X)``; sequential: GP of ``a_ch * X``."""
+    return _linear(g * a_ch if seq else g, prm.sp_wq, prm.sp_bq, g.dtype)
+
+
+def _spatial_vector(sq: Tensor, a_ch: Tensor, prm: PSAParams, paper: bool,
+                    seq: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(u, b)`` with the spatial logits ``u^T X + b`` (paper variant, official PSA_p).
+
+    Paper: ``u = W_sv^T softmax(sq)`` (times ``a_ch`` if sequential), ``b = softmax(sq)^T
+    b_sv`` ``(B, 1)`` or None; PSA_p: ``u = W_sv^T sq``, ``b`` None (``b_sv`` would cancel in
+    its softmax over HW).
+    """
+    wsv = prm.sp_wv.flatten(1).to(sq.dtype)
+    if not paper:
+        return torch.mm(sq, wsv), None
+    s = torch.softmax(sq, -1)
+    u = torch.mm(s, wsv)  # (B, C)
+    bias = None if prm.sp_bv is None else torch.mm(s, prm.sp_bv.to(sq.dtype).view(-1, 1))
+    return (u * a_ch if seq else u), bias
+
+
+def _spatial_map(lg: Tensor, bias: Optional[Tensor], paper: bool) -> Tensor:
+    """``a_sp`` ``(B, HW)`` from the logits ``u^T X`` (paper variant, official PSA_p)."""
+    if paper:
+        return torch.sigmoid(lg if bias is None else lg + bias)
+    return torch.sigmoid(torch.softmax(lg, -1))
+
+
 def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused math with plain differentiable ops (tracing, compile, export,
     and the fallback when ``mmpsa._ext`` is not built): ``(out, a_ch, a_sp)``.
@@ -127,47 +178,26 @@ def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, T
     :func:`fused_function` returns them.
     """
     b, c, h, w = x.shape
-    n, c2 = h * w, c // 2
+    n = h * w
     xd, acc = x.dtype, acc_dtype(x.dtype)
     X, A = _casts(xd, acc)
     x3 = x.reshape(b, c, n)
     with no_autocast(x):
         wq = X(prm.ch_wq).view(1, 1, c).expand(b, 1, c)
-        qr = A(torch.bmm(wq, x3))  # (B, 1, HW)
-        if prm.ch_bq is not None:  # cancels in the softmax; kept for autograd
-            qr = qr + A(prm.ch_bq)
-        p = torch.softmax(qr, -1)
-        xp = A(torch.bmm(x3, X(p).transpose(1, 2)).view(b, c))  # X p
+        p = _pixel_weights(A(torch.bmm(wq, x3)).view(b, n), prm)  # (B, HW)
+        xp = A(torch.bmm(x3, X(p).unsqueeze(-1)).view(b, c))  # X p
         g = x3.mean(-1, dtype=acc)  # GP(X)
-        v = _linear(xp, prm.ch_wv, prm.ch_bv, acc)  # (B, C/2)
-        z = _linear(v, prm.ch_wz, prm.ch_bz, acc)
-        if prm.ch_ln_w is not None:
-            z = F.layer_norm(z, (z.shape[1], ),
-                             A(prm.ch_ln_w).flatten(),
-                             None if prm.ch_ln_b is None else A(prm.ch_ln_b).flatten(), prm.ln_eps)
-        if prm.ch_wz2 is not None:
-            z = _linear(torch.relu(z), prm.ch_wz2, prm.ch_bz2, acc)
-        a_ch = torch.sigmoid(z)  # (B, C)
-        gs = g * a_ch if seq else g  # GP of the branch input
-        sq = _linear(gs, prm.sp_wq, prm.sp_bq, acc)  # (B, C/2)
-        wsv = prm.sp_wv.flatten(1).to(acc)
-        if paper:
-            s = torch.softmax(sq, -1)
-            u = torch.mm(s, wsv)  # (B, C)
-            ue = u * a_ch if seq else u
-            lg = A(torch.bmm(X(ue).unsqueeze(1), x3))  # (B, 1, HW)
-            if prm.sp_bv is not None:
-                lg = lg + torch.mm(s, A(prm.sp_bv).view(c2, 1)).view(b, 1, 1)
-        elif not seq:
-            u = torch.mm(sq, wsv)  # (b_sv would cancel in the softmax)
-            lg = torch.softmax(A(torch.bmm(X(u).unsqueeze(1), x3)), -1)
+        a_ch = _channel_map(xp, prm)  # (B, C)
+        sq = _spatial_query(g, a_ch, prm, seq)  # (B, C/2)
+        if paper or not seq:
+            u, bias = _spatial_vector(sq, a_ch, prm, paper, seq)
+            a_sp = _spatial_map(A(torch.bmm(X(u).unsqueeze(1), x3)).view(b, n), bias, paper)
         else:
             # PSA_s: W_v(a_ch * X) = (W_v diag(a_ch)) X, softmax over HW per
             # channel (does not fuse); a_ch * X is never materialised
-            wva = wsv.unsqueeze(0) * a_ch.unsqueeze(1)
+            wva = prm.sp_wv.flatten(1).to(acc).unsqueeze(0) * a_ch.unsqueeze(1)
             theta = torch.softmax(A(torch.bmm(X(wva), x3)), -1)
-            lg = torch.bmm(sq.unsqueeze(1), theta)  # (B, 1, HW)
-        a_sp = torch.sigmoid(lg)
+            a_sp = torch.sigmoid(torch.bmm(sq.unsqueeze(1), theta)).view(b, n)  # (B, HW)
     a_ch4, a_sp4 = X(a_ch).view(b, c, 1, 1), X(a_sp).view(b, 1, h, w)
     out = x * a_ch4 * a_sp4 if seq else x * a_ch4 + x * a_sp4
     return out, _for_hooks(a_ch4, xd), _for_hooks(a_sp4, xd)
@@ -199,7 +229,11 @@ def _load_extension():
 _EXT = _load_extension()
 
 
-def fused_function(x: Tensor, variant: str, sequential: bool, params: PSAParams) -> List[Tensor]:
+def fused_function(x: Tensor,
+                   variant: str,
+                   sequential: bool,
+                   params: PSAParams,
+                   cpu_kernel: bool = True) -> List[Tensor]:
     """The compiled autograd Function: ``[out, a_ch, a_sp]``.
 
     Args:
@@ -207,6 +241,8 @@ def fused_function(x: Tensor, variant: str, sequential: bool, params: PSAParams)
         variant (str): ``'paper'`` or ``'official'``.
         sequential (bool): Sequential (True) or parallel mode.
         params (PSAParams): The block's parameters (:meth:`fused_params`).
+        cpu_kernel (bool): Take the per-sample CPU kernel where it applies; False forces
+            the ATen path. Default: True.
 
     Returns:
         list[Tensor]: The output and the maps ``a_ch`` ``(B, C, 1, 1)`` and ``a_sp``
@@ -215,17 +251,88 @@ def fused_function(x: Tensor, variant: str, sequential: bool, params: PSAParams)
     """
     if _EXT is None:
         raise RuntimeError('mmpsa._ext is not built; see the warning above')
-    return _EXT.fused_psa(x, variant == 'paper', sequential, params.ln_eps, params.tensors)
+    return _EXT.fused_psa(
+        x, variant == 'paper', sequential, params.ln_eps, params.tensors, cpu_kernel=cpu_kernel)
+
+
+#: The values of ``MMPSA_BACKEND``, the switch that picks the fused evaluation.
+BACKENDS = ('auto', 'triton', 'cpu', 'aten', 'plain')
+
+
+def backend() -> str:
+    """The fused evaluation path asked for by the environment variable ``MMPSA_BACKEND``.
+
+    ``auto`` (the default): the Triton kernels for CUDA tensors (paper variant and official
+    PSA_p, when triton is importable), else the compiled Function (its CPU kernel where
+    it applies, its ATen path elsewhere), else plain ops; ``triton``, ``cpu`` (the compiled
+    Function, CPU tensors), ``aten`` (its ATen path) and ``plain`` force one path and
+    raise where it cannot run. Read on every fused forward, here only.
+
+    Returns:
+        str: One of :data:`BACKENDS`.
+    """
+    value = os.environ.get('MMPSA_BACKEND', 'auto').strip().lower() or 'auto'
+    if value not in BACKENDS:
+        raise ValueError(f'MMPSA_BACKEND must be one of {BACKENDS}, got {value!r}')
+    return value
+
+
+_TRITON: list = []  # [module or None] once looked up
+
+
+def triton_module():
+    """:mod:`mmpsa.layers.psa_triton`, imported on first use; None when triton is not
+    importable (CPU-only torch wheels have none)."""
+    if not _TRITON:
+        try:
+            _TRITON.append(importlib.import_module('mmpsa.layers.psa_triton'))
+        except ImportError:
+            _TRITON.append(None)
+    return _TRITON[0]
+
+
+def _use_triton(x: Tensor, paper: bool, seq: bool, forced: bool) -> bool:
+    """Whether the Triton kernels evaluate ``x``; ``forced``: raise where they cannot."""
+    if forced or x.is_cuda:
+        supported = paper or not seq
+        kernels = triton_module() if supported else None
+        if kernels is not None and (x.is_cuda or kernels.INTERPRET):
+            return True
+        if not forced:
+            return False
+        if not supported:
+            raise RuntimeError('MMPSA_BACKEND=triton: the official sequential variant (PSA_s) '
+                               'has no Triton kernels; use MMPSA_BACKEND=auto or aten')
+        if kernels is None:
+            raise RuntimeError('MMPSA_BACKEND=triton, but triton is not importable')
+        raise RuntimeError(f'MMPSA_BACKEND=triton on a {x.device.type} tensor: the Triton '
+                           'kernels run CPU tensors only under TRITON_INTERPRET=1, set before '
+                           'mmpsa.layers.psa_triton is imported')
+    return False
 
 
 def fused_forward(block, x: Tensor) -> Tensor:
-    """Evaluate ``block`` (a PolarizedSelfAttention) on ``x`` the fused way."""
+    """Evaluate ``block`` (a PolarizedSelfAttention) on ``x`` the fused way, down the path
+    :func:`backend` picks."""
     params = block.fused_params()
-    sequential = block.mode == 'sequential'
-    if (_EXT is None or torch.jit.is_tracing() or torch.compiler.is_compiling() or x.numel() == 0):
-        out, a_ch, a_sp = _plain(x, block.variant == 'paper', sequential, params)
+    paper, sequential = block.variant == 'paper', block.mode == 'sequential'
+    path = backend()
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or x.numel() == 0:
+        path = 'plain'
+    elif path == 'auto':
+        path = 'triton' if _use_triton(x, paper, sequential,
+                                       False) else ('plain' if _EXT is None else 'cpu')
+    elif path == 'triton':
+        _use_triton(x, paper, sequential, True)
+    elif path == 'cpu' and x.device.type != 'cpu':
+        raise RuntimeError(f'MMPSA_BACKEND=cpu runs CPU tensors only, got a {x.device.type} '
+                           'tensor (aten runs the compiled Function on any device)')
+    if path == 'plain':
+        out, a_ch, a_sp = _plain(x, paper, sequential, params)
+    elif path == 'triton':
+        out, a_ch, a_sp = triton_module().fused_psa(x, paper, sequential, params)
     else:
-        out, a_ch, a_sp = fused_function(x, block.variant, sequential, params)
+        out, a_ch, a_sp = fused_function(x, block.variant, sequential, params, path == 'cpu')
     block.ch_attn(a_ch)
     block.sp_attn(a_sp)
     return out
