@@ -1,5 +1,6 @@
-"""The weights_only allow-list (mmengine checkpoints load, code-running pickles do not), and
-checkpoint files that cannot be read fail with an error naming them."""
+"""The weights_only allow-list (mmengine checkpoints load, code-running pickles do not),
+checkpoint files that cannot be read fail with an error naming them (CRCs included), and the
+PSA record says which model a checkpoint holds."""
 import os
 import pickle
 import zipfile
@@ -13,8 +14,10 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import _load_checkpoint
 
 import mmpsa  # noqa: F401  (registers the allow-list)
-from mmpsa.checkpoint import (CheckpointReadError, check_checkpoint_file, history_buffer_getattr,
-                              read_checkpoint, safe_globals)
+from mmpsa.checkpoint import (CheckpointMismatchError, CheckpointReadError, check_checkpoint_file,
+                              check_psa_match, history_buffer_getattr, psa_record, read_checkpoint,
+                              safe_globals, verify_checkpoint_file)
+from mmpsa.layers import PolarizedSelfAttention
 
 # Globals that run code or reach arbitrary attributes: none may be allowed.
 DANGEROUS = {
@@ -184,3 +187,109 @@ def test_corrupt_pickle_passes_the_quick_check_and_fails_the_read(tmp_path: Path
 
 def test_remote_checkpoint_names_are_left_to_mmengine():
     check_checkpoint_file('https://download.openmmlab.com/no/such/file.pth')
+
+
+def _record_offset(path: Path, suffix: str) -> int:
+    """Where the data of the zip record whose name ends with ``suffix`` starts."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    data = path.read_bytes()
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], 'little')
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], 'little')
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def test_zeros_inside_a_tensor_record_fail_the_crc_check(tmp_path: Path):
+    """torch.load takes the damaged file silently; the CRC check names file and record."""
+    path = tmp_path / 'iter_35.pth'
+    torch.save(dict(state_dict=dict(small=torch.ones(4), big=torch.ones(4096))), path)
+    with zipfile.ZipFile(path) as archive:
+        big = max(archive.infolist(), key=lambda i: i.file_size).filename
+    data = bytearray(path.read_bytes())
+    start = _record_offset(path, big) + 2048
+    data[start:start + 4096] = b'\x00' * 4096  # 1,024 float32 zeros
+    path.write_bytes(bytes(data))
+    loaded = torch.load(path, weights_only=True)['state_dict']['big']
+    assert int((loaded == 0).sum()) == 1024  # what a resume would train on
+    check_checkpoint_file(str(path))  # the quick check cannot see it
+    for check in (verify_checkpoint_file, read_checkpoint):
+        with pytest.raises(CheckpointReadError, match='fails its CRC check') as err:
+            check(str(path))
+        assert str(path) in str(err.value) and big in str(err.value)
+
+
+def test_legacy_checkpoint_has_no_crc_and_passes(tmp_path: Path):
+    path = tmp_path / 'legacy.pth'
+    torch.save(dict(state_dict=dict(w=torch.ones(2))), path, _use_new_zipfile_serialization=False)
+    verify_checkpoint_file(str(path))
+    verify_checkpoint_file('https://download.openmmlab.com/no/such/file.pth')
+
+
+class _Net(torch.nn.Module):
+    """A conv and a PSA block (a head-level block: its own record entry)."""
+
+    def __init__(self, mode: str = 'parallel', variant: str = 'paper', psa: bool = True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+        if psa:
+            self.psa = PolarizedSelfAttention(8, mode=mode, variant=variant, fused=False)
+
+
+def _ckpt(model: torch.nn.Module, record: bool = True) -> dict:
+    meta = dict(psa=psa_record(model)) if record else dict()
+    return dict(meta=meta, state_dict=model.state_dict())
+
+
+def test_psa_record_is_plain_data_per_module():
+    assert psa_record(
+        _Net('sequential')) == dict(psa=dict(variant='paper', mode='sequential', in_channels=8))
+    assert psa_record(_Net(psa=False)) == {}
+
+
+def test_paper_parallel_to_sequential_resume_is_refused_by_the_record():
+    saved, model = _Net('parallel'), _Net('sequential')
+    assert saved.state_dict().keys() == model.state_dict().keys()  # keys cannot tell
+    check_psa_match(_ckpt(saved, record=False), model, 'p.pth', 'resume')
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_psa_match(_ckpt(saved), model, 'p.pth', 'resume')
+    message = str(err.value)
+    assert "'p.pth'" in message and "mode='parallel'" in message
+    assert "mode='sequential'" in message and "meta['psa']" in message
+
+
+@pytest.mark.parametrize('saved, model', [
+    (dict(mode='parallel', variant='official'), dict(mode='sequential', variant='official')),
+    (dict(mode='parallel', variant='official'), dict(mode='parallel', variant='paper')),
+])
+def test_psa_p_to_psa_s_and_official_to_paper_are_refused(saved, model):
+    for record in (True, False):  # by the record, and by keys and shapes without it
+        with pytest.raises(CheckpointMismatchError, match="'s.pth'"):
+            check_psa_match(_ckpt(_Net(**saved), record), _Net(**model), 's.pth', 'resume')
+    check_psa_match(_ckpt(_Net(**saved)), _Net(**model), 's.pth', 'load_from')  # fine-tuning
+
+
+@pytest.mark.parametrize('record', [True, False])
+def test_stock_checkpoint_test_needs_the_flag(record, caplog):
+    stock, model = _ckpt(_Net(psa=False), record), _Net()
+    with pytest.raises(CheckpointMismatchError, match='--allow-missing-psa'):
+        check_psa_match(stock, model, 'stock.pth', 'test')
+    check_psa_match(stock, model, 'stock.pth', 'test', allow_missing_psa=True)
+    with pytest.raises(CheckpointMismatchError, match='resume'):
+        check_psa_match(stock, model, 'stock.pth', 'resume')
+
+
+def test_fine_tuning_from_stock_lists_the_psa_blocks_once(capsys):
+    from mmengine.logging import MMLogger
+    MMLogger.get_instance('mmpsa_test_finetune')
+    check_psa_match(_ckpt(_Net(psa=False)), _Net(), 'stock.pth', 'load_from')
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count('has no weights for 1 of the 1 PSA blocks') == 1 and ': psa' in text
+    check_psa_match(_ckpt(_Net()), _Net(), 'same.pth', 'load_from')
+    out = capsys.readouterr()
+    assert 'PSA' not in out.out + out.err
+
+
+def test_unknown_purpose_is_refused():
+    with pytest.raises(ValueError, match="got 'train'"):
+        check_psa_match(_ckpt(_Net()), _Net(), 'x.pth', 'train')

@@ -2,6 +2,10 @@
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]] [--amp]
                                  [--cfg-options KEY=VALUE ...] [--launcher LAUNCHER]
+                                 [--no-data-check]
+
+Before training, the train split gets the cheap part of tools/check_dataset.py (listing,
+counts, annotation file, first sample): bad data stops it with a message naming the file.
 
 Multi-GPU / multi-node: tools/dist_train.sh; slurm: tools/slurm_train.sh.
 """
@@ -14,6 +18,7 @@ from mmengine.config import DictAction
 
 from mmpsa.apis.runner import LAUNCHERS, LaunchError, train
 from mmpsa.checkpoint import CheckpointReadError
+from mmpsa.datasets.check import DatasetCheckError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -36,6 +41,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action=DictAction,
         help='override config settings, key=value pairs (lists as key="[a,b]")')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none', help='job launcher')
+    parser.add_argument(
+        '--no-data-check', action='store_true', help='skip the quick dataset check before training')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
@@ -52,8 +59,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             resume=args.resume,
             amp=args.amp,
             cfg_options=args.cfg_options,
-            launcher=args.launcher)
-    except (LaunchError, CheckpointReadError) as err:
+            launcher=args.launcher,
+            check_data=not args.no_data_check)
+    except (LaunchError, CheckpointReadError, DatasetCheckError) as err:
         sys.exit(f'error: {err}')
 
 

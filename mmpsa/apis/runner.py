@@ -10,7 +10,14 @@ One addition: distributed training without GPUs. mmengine 0.10.7 initialises the
 group with ``torch.cuda.set_device`` and wraps the model with ``device_ids=[LOCAL_RANK]``, and
 ``SyncBatchNorm`` refuses CPU tensors; so where CUDA is unavailable, a distributed launch
 initialises a gloo group itself before the runner is built (the runner then skips its own),
-wraps with ``device_ids=None`` and uses plain BN for SyncBN. On GPUs nothing changes.
+wraps with ``device_ids=None`` and uses plain BN for SyncBN, with
+:class:`~mmpsa.engine.SyncBuffersEveryIterHook` giving back what SyncBN gave: equal running
+statistics on every rank. On GPUs nothing changes.
+
+Nothing goes on silently wrong: checkpoints are verified (CRCs) before a run is built on them;
+:class:`~mmpsa.engine.PSACheckpointHook` records the PSA settings in every checkpoint and
+refuses a resume or a test with a checkpoint of another model; training first runs the cheap
+part of :func:`mmpsa.datasets.check.check_dataset` on the train split.
 """
 import copy
 import importlib
@@ -26,7 +33,9 @@ from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..checkpoint import check_checkpoint_file
+from ..checkpoint import verify_checkpoint_file
+from ..datasets.check import check_dataset
+from ..engine.runner import add_custom_hook
 from ..utils.paths import PACKAGE_PREFIX, config_path
 
 #: The ``default_scope`` values the tools know.
@@ -92,12 +101,12 @@ def set_resume(cfg: Config, resume: Optional[str]) -> None:
         cfg.resume = True
         cfg.load_from = resume
     if cfg.get('load_from'):
-        check_checkpoint_file(cfg.load_from)
+        verify_checkpoint_file(cfg.load_from)
     elif cfg.get('resume'):
         last = osp.join(cfg.work_dir, 'last_checkpoint')
         if osp.isfile(last):
             with open(last) as f:
-                check_checkpoint_file(f.read().strip())
+                verify_checkpoint_file(f.read().strip())
 
 
 def set_amp(cfg: Config) -> None:
@@ -186,7 +195,8 @@ def prepare_distributed(cfg: Config) -> None:
     With CUDA this does nothing (the stock NCCL/SyncBN path). Without it: a gloo process
     group is initialised here, before the runner (which then skips its own ``init_dist``,
     where mmengine would call ``torch.cuda.set_device``); DDP wraps with ``device_ids=None``;
-    SyncBN becomes BN and ``sync_bn`` is dropped (SyncBatchNorm refuses CPU tensors).
+    SyncBN becomes BN and ``sync_bn`` is dropped (SyncBatchNorm refuses CPU tensors), and
+    :class:`~mmpsa.engine.SyncBuffersEveryIterHook` keeps the ranks' BN statistics equal.
 
     Args:
         cfg: The config; changed in place.
@@ -215,6 +225,7 @@ def prepare_distributed(cfg: Config) -> None:
         wrapper['device_ids'] = None
     plain_bn(cfg.model)
     cfg.pop('sync_bn', None)
+    add_custom_hook(cfg, dict(type='SyncBuffersEveryIterHook'))
 
 
 def build_runner(cfg: Config) -> Runner:
@@ -243,7 +254,8 @@ def train(config: str,
           resume: Optional[str] = None,
           amp: bool = False,
           cfg_options: Optional[Dict[str, Any]] = None,
-          launcher: str = 'none') -> Runner:
+          launcher: str = 'none',
+          check_data: bool = True) -> Runner:
     """Train a config, as ``tools/train.py`` does.
 
     Args:
@@ -254,6 +266,8 @@ def train(config: str,
         amp: Mixed-precision training (needs a GPU).
         cfg_options: Config overrides.
         launcher: One of :data:`LAUNCHERS`.
+        check_data: Run the cheap dataset check (counts, first sample) of the train split
+            first (:class:`~mmpsa.datasets.check.DatasetCheckError` if it fails).
 
     Returns:
         The runner after training.
@@ -266,6 +280,9 @@ def train(config: str,
     if amp:
         set_amp(cfg)
     set_resume(cfg, resume)
+    if check_data:
+        check_dataset(cfg, 'train', full=False).raise_if_bad()
+    add_custom_hook(cfg, dict(type='PSACheckpointHook'))
     prepare_distributed(cfg)
     runner = build_runner(cfg)
     runner.train()
@@ -277,7 +294,8 @@ def test(config: str,
          work_dir: Optional[str] = None,
          out: Optional[str] = None,
          cfg_options: Optional[Dict[str, Any]] = None,
-         launcher: str = 'none') -> dict:
+         launcher: str = 'none',
+         allow_missing_psa: bool = False) -> dict:
     """Test a checkpoint, as ``tools/test.py`` does.
 
     Args:
@@ -289,6 +307,8 @@ def test(config: str,
             (``.json``/``.yaml``/``.pkl``) for the metric results.
         cfg_options: Config overrides.
         launcher: One of :data:`LAUNCHERS`.
+        allow_missing_psa: Test a checkpoint without PSA weights (stock) with a PSA config
+            on purpose; otherwise that is a :class:`~mmpsa.checkpoint.CheckpointMismatchError`.
 
     Returns:
         The test metrics.
@@ -298,8 +318,12 @@ def test(config: str,
     cfg = load_config(config, cfg_options)
     cfg.launcher = launcher
     set_work_dir(cfg, config, work_dir)
-    check_checkpoint_file(checkpoint)
+    verify_checkpoint_file(checkpoint)
     cfg.load_from = checkpoint
+    add_custom_hook(
+        cfg,
+        dict(type='PSACheckpointHook', purpose='test', allow_missing_psa=allow_missing_psa),
+        replace=True)
     if out is not None and cfg.default_scope == 'mmseg':
         for evaluator in _as_list(cfg.test_evaluator):
             evaluator['output_dir'] = out

@@ -23,12 +23,30 @@ def _is_type(value, name: str, cls: type) -> bool:
     return value == name or value is cls
 
 
+def add_custom_hook(cfg, hook: dict, replace: bool = False) -> None:
+    """Add ``hook`` to ``cfg.custom_hooks`` unless a hook of its type is there already.
+
+    Args:
+        cfg: A mmengine ``Config``/dict; changed in place.
+        hook: The hook config, with ``type``.
+        replace: Replace an entry of the same type instead of keeping it.
+    """
+    hooks = list(cfg.get('custom_hooks') or [])
+    same = [i for i, entry in enumerate(hooks) if entry.get('type') == hook['type']]
+    if not same:
+        hooks.append(dict(hook))
+    elif replace:
+        hooks[same[0]] = dict(hook)
+    cfg['custom_hooks'] = hooks
+
+
 def exact_resume_cfg(cfg) -> None:
     """Swap a config's stock train loop and checkpoint hook for the exact-resume ones.
 
     Other (custom) types are kept, with a warning. ``train_cfg=dict(by_epoch=...)`` (no
     ``type``, as mmpose writes it) is handled too; a missing ``default_hooks.checkpoint``
-    becomes ours with mmengine's default ``interval=1``.
+    becomes ours with mmengine's default ``interval=1``. :class:`~mmpsa.engine.PSACheckpointHook`
+    is added unless the config has one.
 
     Args:
         cfg: A mmengine ``Config``/dict with ``train_cfg`` and ``default_hooks``; changed
@@ -69,6 +87,7 @@ def exact_resume_cfg(cfg) -> None:
                 'not written crash-safely.',
                 logger='current',
                 level=logging.WARNING)
+    add_custom_hook(cfg, dict(type='PSACheckpointHook'))
 
 
 @RUNNERS.register_module()
