@@ -146,6 +146,19 @@ def _feed_psa(psa: nn.Module, conv: nn.Module, args: Tuple[Any, ...]) -> Tuple[A
     return (psa(args[0]), ) + tuple(args[1:])
 
 
+def _width_message(backbone: nn.Module, index: int, channels: int, err: ValueError) -> str:
+    """A block width the PSA refuses, named by stage (and HRNet's ``num_channels``)."""
+    name = type(backbone).__name__
+    stage_cfg = (getattr(backbone, 'extra', None) or {}).get(f'stage{index + 1}')
+    if isinstance(stage_cfg, Mapping) and 'num_channels' in stage_cfg:
+        where = (f'extra.stage{index + 1}.num_channels={tuple(stage_cfg["num_channels"])!r} '
+                 f'gives a residual block {channels} channels')
+    else:
+        where = f'a residual block of stage {index + 1} has {channels} channels'
+    return (f'psa: {name}: {where}, which the PSA block refuses ({err}); change those widths '
+            f'or leave stage {index + 1} out with psa.stages')
+
+
 def insert_psa(backbone: nn.Module, psa: Mapping[str, Any]) -> List[str]:
     """Put a ``PolarizedSelfAttention`` into every residual block of the chosen stages.
 
@@ -169,7 +182,7 @@ def insert_psa(backbone: nn.Module, psa: Mapping[str, Any]) -> List[str]:
                          f'(no module with conv2) in its stages, got {type(backbone)!r}')
     block_cfg = {key: value for key, value in cfg.items() if key != 'stages'}
     inserted = []
-    for selected, blocks in zip(cfg['stages'], stages):
+    for index, (selected, blocks) in enumerate(zip(cfg['stages'], stages)):
         if not selected:
             continue
         for block in blocks:
@@ -177,7 +190,10 @@ def insert_psa(backbone: nn.Module, psa: Mapping[str, Any]) -> List[str]:
                 raise ValueError(f'psa: block {type(block).__name__} already has a '
                                  f'`psa` attribute, got {block.psa!r}')
             conv = getattr(block, _next_conv_name(block))
-            layer = PolarizedSelfAttention(conv.in_channels, **block_cfg)
+            try:
+                layer = PolarizedSelfAttention(conv.in_channels, **block_cfg)
+            except ValueError as err:
+                raise ValueError(_width_message(backbone, index, conv.in_channels, err)) from err
             weight = next(conv.parameters(), None)
             if weight is not None:
                 layer.to(device=weight.device, dtype=weight.dtype)

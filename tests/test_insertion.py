@@ -275,3 +275,19 @@ def test_init_psa_is_seeded_and_leaves_rng_alone():
         for pa, pb in zip(a.parameters(), b.parameters()):
             assert torch.equal(pa, pb)
     assert psa_modules(twin)[0].ch_wv.weight.abs().sum() > 0
+
+
+def test_odd_width_names_the_stage_and_num_channels():
+    net = ToyHRNet()
+    net.stage3 = nn.Sequential(HRModuleLike([9, 8]))
+    with pytest.raises(
+            ValueError,
+            match=r'ToyHRNet: a residual block of stage 3 has 9 channels.*'
+            r'positive even int, got 9'):
+        insert_psa(copy.deepcopy(net), dict())
+    net.extra = dict(stage3=dict(num_channels=[9, 8]))
+    with pytest.raises(
+            ValueError,
+            match=r'extra\.stage3\.num_channels=\(9, 8\) gives a residual '
+            r'block 9 channels.*leave stage 3 out with psa.stages'):
+        insert_psa(net, dict())

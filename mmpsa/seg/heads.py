@@ -17,10 +17,10 @@ the PSA heads are this project's extension. Names avoid mmseg's own ``PSAHead`` 
 When a head's ``in_channels``/``in_index``/``c1_in_channels`` do not fit the maps its backbone
 (or ``PSANeck``) returns, building the model fails with a ValueError naming the field. That
 needs the segmentor to assign the backbone and the head side by side, as mmseg's
-``EncoderDecoder`` does; OCRNet's ``CascadeEncoderDecoder`` builds its heads into a list, so
-a mismatch there surfaces in the first forward, as in stock mmseg.
+``EncoderDecoder`` does, or to append its heads to a list it has assigned, as OCRNet's
+``CascadeEncoderDecoder`` does.
 """
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from mmseg.models.decode_heads import DepthwiseSeparableASPPHead, FCNHead, OCRHead
@@ -31,6 +31,9 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from ..insertion import backbone_out_channels
 from ..layers import PolarizedSelfAttention, check_psa_cfg
 from ..necks import PSANeck, check_channel_list
+
+#: Attribute of a segmentor's head ``nn.ModuleList`` holding ``(channels, source)``.
+_HEAD_INPUTS = '_psa_head_inputs'
 
 
 def build_head_psa(owner: str, psa: Optional[dict],
@@ -185,21 +188,43 @@ class PSAOCRHead(_PSAHeadMixin, OCRHead):
             self.bottleneck.register_forward_hook(self._apply_psa)
 
 
-def _check_head_on_assign(parent: nn.Module, name: str, module: nn.Module) -> None:
-    """Module-registration hook: check a PSA head against the backbone (or PSANeck) before it."""
-    if name not in ('decode_head', 'auxiliary_head') or not isinstance(module, _PSAHeadMixin):
-        return None
-    neck = getattr(parent, 'neck', None)
-    backbone = getattr(parent, 'backbone', None)
+def _head_inputs(segmentor: nn.Module) -> Optional[Tuple[List[int], str]]:
+    """The channels of the maps a segmentor's heads receive, and from what; None if unknown."""
+    neck = getattr(segmentor, 'neck', None)
+    backbone = getattr(segmentor, 'backbone', None)
     if isinstance(neck, PSANeck):
-        channels, source = neck.in_channels, 'the neck (PSANeck)'
-    elif neck is None and isinstance(backbone, nn.Module):
+        return neck.in_channels, 'the neck (PSANeck)'
+    if neck is None and isinstance(backbone, nn.Module):
         channels = backbone_out_channels(backbone)
-        source = f'the backbone ({type(backbone).__name__})'
-    else:
-        channels = None  # an unknown neck or backbone: the first forward tells
-    if channels is not None:
-        module.check_features(channels, source)
+        if channels is not None:
+            return channels, f'the backbone ({type(backbone).__name__})'
+    return None  # an unknown neck or backbone: the first forward tells
+
+
+def _check_head_on_assign(parent: nn.Module, name: str, module: nn.Module) -> None:
+    """Module-registration hook: check a PSA head against the backbone (or PSANeck) before it.
+
+    A cascade segmentor (OCRNet's ``CascadeEncoderDecoder``) assigns an empty
+    ``nn.ModuleList`` and appends its heads to it: the list keeps the segmentor's input
+    channels (plain data, :data:`_HEAD_INPUTS`) for the heads appended to it.
+    """
+    if isinstance(parent, nn.ModuleList):
+        inputs = getattr(parent, _HEAD_INPUTS, None)
+        if inputs is not None and isinstance(module, _PSAHeadMixin):
+            module.check_features(*inputs)
+        return None
+    if name not in ('decode_head', 'auxiliary_head'):
+        return None
+    if isinstance(module, nn.ModuleList):
+        inputs = _head_inputs(parent)
+        if inputs is not None:
+            setattr(module, _HEAD_INPUTS, inputs)
+            for head in module:
+                _check_head_on_assign(module, '', head)
+    elif isinstance(module, _PSAHeadMixin):
+        inputs = _head_inputs(parent)
+        if inputs is not None:
+            module.check_features(*inputs)
     return None
 
 

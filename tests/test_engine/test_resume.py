@@ -281,3 +281,86 @@ def test_corrupt_checkpoint_data_fails_with_an_error_naming_it(killed, tmp_path)
                 'visualizer.name': 'seg-corrupt'
             })
     assert str(bad) in str(err.value)
+
+
+def _record_start(path: Path, name: str) -> int:
+    """Where the data of the zip record ``name`` starts in ``path``."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    data = path.read_bytes()
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + o:info.header_offset + o + 2], 'little')
+        for o in (26, 28))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def test_zeroed_tensor_bytes_stop_resume_and_test_naming_the_record(killed, tmp_path, load_tool):
+    """4 KiB of zeros inside the largest tensor: torch.load takes it, the CRC check does not."""
+    import zipfile
+    good = killed / 'seg_killed' / 'iter_3.pth'
+    with zipfile.ZipFile(good) as archive:
+        record = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(good.read_bytes())
+    start = _record_start(good, record.filename) + record.file_size // 2
+    data[start:start + 4096] = b'\x00' * 4096
+    bad = tmp_path / 'iter_3.pth'
+    bad.write_bytes(bytes(data))
+    torch.load(bad, weights_only=True)  # silently
+    for tool, argv in (('train', [str(killed / 'seg.py'), '--resume',
+                                  str(bad)]), ('test', [str(killed / 'seg.py'),
+                                                        str(bad)])):
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool(tool).main(argv + ['--work-dir', str(tmp_path / tool)])
+        message = str(exit_info.value.code)
+        assert str(bad) in message and f"record '{record.filename}' fails its CRC" in message
+
+
+def _without_record(src: Path, dst: Path, drop_psa: bool = False) -> Path:
+    """A copy of ``src`` without its PSA record (as older checkpoints); without the PSA
+    tensors too (a stock checkpoint), if asked."""
+    ckpt = torch.load(src, weights_only=True)
+    ckpt['meta'].pop('psa')
+    if drop_psa:
+        ckpt['state_dict'] = {k: v for k, v in ckpt['state_dict'].items() if '.psa.' not in k}
+    torch.save(ckpt, dst)
+    return dst
+
+
+@pytest.mark.parametrize('record', [True, False])
+def test_psa_p_checkpoint_does_not_resume_as_psa_s(killed, tmp_path, load_tool, record):
+    ckpt = killed / 'seg_killed' / 'iter_3.pth'
+    assert torch.load(
+        ckpt, weights_only=True)['meta']['psa'] == {
+            'backbone':
+            dict(variant='official', mode='parallel', stages=[False, True, True, True], blocks=9)
+        }
+    if not record:
+        ckpt = _without_record(ckpt, tmp_path / 'old.pth')
+    with _one_thread(), pytest.raises(SystemExit) as exit_info:
+        load_tool('train').main([
+            str(killed / 'seg.py'), '--work-dir',
+            str(tmp_path / 'w'), '--resume',
+            str(ckpt), '--cfg-options', 'model.backbone.psa.mode=sequential'
+        ])
+    message = str(exit_info.value.code)
+    assert f'resume: checkpoint {str(ckpt)!r} does not hold the model' in message
+    if record:
+        assert "mode='parallel'" in message and "mode='sequential'" in message
+    else:
+        assert 'no PSA record' in message and 'PSA tensors' in message
+
+
+def test_stock_checkpoint_is_tested_with_a_psa_config_only_on_purpose(killed, tmp_path, load_tool):
+    stock = _without_record(killed / 'seg_killed' / 'iter_3.pth', tmp_path / 'stock.pth', True)
+    argv = [str(killed / 'seg.py'), str(stock), '--work-dir', str(tmp_path / 'test')]
+    with _one_thread(), pytest.raises(SystemExit) as exit_info:
+        load_tool('test').main(argv)
+    message = str(exit_info.value.code)
+    assert str(stock) in message and '--allow-missing-psa' in message
+    with _one_thread():
+        load_tool('test').main(argv + [
+            '--allow-missing-psa', '--cfg-options', 'experiment_name=seg-stock',
+            'visualizer.name=seg-stock'
+        ])
+    assert 'mIoU' in ''.join(p.read_text() for p in (tmp_path / 'test').rglob('*.log'))

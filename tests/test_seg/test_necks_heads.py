@@ -203,3 +203,37 @@ def test_unknown_psa_key_in_a_config_fails_at_build_naming_it():
     model.decode_head.update(type='PSASepASPPHead', psa=dict(mode='parallel', kind='x'))
     with pytest.raises(ValueError, match=r"unknown psa key.*'kind'"):
         MODELS.build(model)
+
+
+def test_psa_ocr_cascade_head_not_matching_the_backbone_fails_at_build():
+    """OCRNet's CascadeEncoderDecoder appends its heads to a list: checked at build too."""
+    model = _tiny_model(HR)
+    head = dict(
+        in_index=(0, 1, 2, 3),
+        input_transform='resize_concat',
+        num_classes=19,
+        norm_cfg=BN,
+        align_corners=False)
+    model.update(type='CascadeEncoderDecoder', num_stages=2)
+    model.decode_head = [
+        dict(
+            type='FCNHead',
+            in_channels=[8, 16, 32, 64],
+            channels=120,
+            kernel_size=1,
+            num_convs=1,
+            concat_input=False,
+            **head),
+        dict(
+            type='PSAOCRHead',
+            in_channels=[8, 16, 32, 72],
+            channels=16,
+            ocr_channels=8,
+            psa=dict(mode='parallel'),
+            **head),
+    ]
+    with pytest.raises(ValueError, match=r'PSAOCRHead: in_channels does not match the backbone'):
+        MODELS.build(model)
+    model.decode_head[1].in_channels = [8, 16, 32, 64]
+    seg = MODELS.build(model).eval()
+    assert seg(torch.randn(1, 3, 64, 128), mode='tensor').shape == (1, 19, 16, 32)
