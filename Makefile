@@ -10,7 +10,7 @@ setup:
 	@VENV=$(VENV) bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/demo.py
+	$(PY) tools/reproduce.py tiny --work-dir outputs/demo
 
 # OpenMMLab's linters (flake8, isort, yapf) as local pre-commit hooks: the tree must be clean
 lint: setup

@@ -11,7 +11,8 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 from mmpsa.apis.complexity import measure, strip_psa
-from mmpsa.utils.model_index import COLLECTIONS, PAPER_RESULTS
+from mmpsa.utils import model_index
+from mmpsa.utils.model_index import COLLECTIONS, paper_results, update_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,18 +38,64 @@ def test_every_config_listed_once_and_every_entry_exists():
     assert len(listed) == len(set(listed))
 
 
-def test_entries_have_measured_complexity_no_weights_and_marked_paper_results():
-    seen_paper = set()
+def test_entries_have_measured_complexity_and_only_published_results():
+    seen_paper, names = set(), set()
     for meta in _metafiles().values():
+        collection = meta['Collections'][0]
+        assert {'Paper', 'Code', 'Metadata'} <= set(collection), collection['Name']
+        assert collection['Metadata']['Architecture'] and collection['Metadata']['Training Data']
         for model in meta['Models']:
-            assert 'Weights' not in model, model['Name']
+            names.add(model['Name'])
+            # Results and Weights come only from tools/reproduce.py publish (finished runs)
+            assert ('Weights' in model) == ('Results' in model), model['Name']
+            for result in model.get('Results', []):
+                assert 'Source' not in result and result['Metrics'], model['Name']
             md = model['Metadata']
             assert md['Parameters (M)'] >= md['Stock Parameters (M)'] > 0, model['Name']
             assert md['FLOPs (G)'] >= md['FLOPs fused (G)'] > 0, model['Name']
-            for result in model.get('Results', []):
-                assert result['Source'].startswith('paper'), model['Name']
+            for result in model.get('Paper Results', []):
+                assert result['Source'].startswith(('paper', 'arXiv')), model['Name']
                 seen_paper.add(model['Name'])
-    assert seen_paper == set(PAPER_RESULTS)
+    papers = paper_results()
+    assert seen_paper == set(papers) & names
+    assert set(papers) - names <= set(model_index.RELEASED_PAPER_RESULTS)
+
+
+def test_publish_writes_measured_entries_and_a_rebuild_keeps_them(tmp_path, monkeypatch):
+    key = 'mmseg/psa_ocrnet'
+    (tmp_path / key).mkdir(parents=True)
+    (tmp_path / key / 'metafile.yml').write_text(
+        (REPO / 'configs' / key / 'metafile.yml').read_text())
+    monkeypatch.setattr(model_index, 'configs_root', lambda: tmp_path)
+    name = 'psa-p_ocrnet_hr48_4xb2-80k_cityscapes-512x1024'
+    entry = {
+        'Results': [{
+            'Task': 'Semantic Segmentation',
+            'Dataset': 'Cityscapes',
+            'Metrics': {
+                'mIoU': 81.23
+            }
+        }],
+        'Weights':
+        'https://host/x.pth',
+        'Training log':
+        'https://host/x.log',
+        'Metadata': {
+            'Training Resources': '4x GPUs',
+            'Memory (MB)': 9000
+        }
+    }
+    assert update_models({name: entry, 'not-a-model': entry}) == [name]
+    models = {
+        m['Name']: m
+        for m in yaml.safe_load((tmp_path / key / 'metafile.yml').read_text())['Models']
+    }
+    assert models[name]['Results'] == entry['Results']
+    assert models[name]['Metadata']['Memory (MB)'] == 9000
+    assert models[name]['Metadata']['Parameters (M)'] == 76.73  # the rest stays
+    assert 'Results' not in models['psa-s_ocrnet_hr48_4xb2-80k_cityscapes-512x1024']
+    kept = model_index._published(tmp_path / key / 'metafile.yml')
+    assert kept[name] == {k: v for k, v in entry.items()}
 
 
 def _entries() -> List[Tuple[str, Dict]]:

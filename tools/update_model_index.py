@@ -1,9 +1,12 @@
 """Regenerate model-index.yml and configs/*/*/metafile.yml from complexity records.
 
+Results and Weights come from ``tools/reproduce.py TABLE publish`` and are kept.
+
 Example::
 
     python tools/complexity.py configs/mmseg/psa_*/*.py configs/mmpose/psa_*/*.py --json fused.json
-    python tools/complexity.py configs/mmseg/psa_*/*.py configs/mmpose/psa_*/*.py --literal --json literal.json
+    python tools/complexity.py configs/mmseg/psa_*/*.py configs/mmpose/psa_*/*.py --literal \
+        --json literal.json
     python tools/update_model_index.py fused.json literal.json
 """
 import argparse

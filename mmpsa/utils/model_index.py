@@ -1,15 +1,22 @@
 """Write ``model-index.yml`` and per-folder ``metafile.yml`` (OpenMMLab format).
 
-The numbers come from :mod:`mmpsa.apis.complexity` records (``tools/complexity.py --json``);
-the only results listed are the paper's own, marked as such. No ``Weights`` entries: mmpsa
-publishes no trained checkpoints. The config folders are found by
+Each metafile has a ``Collections`` entry per family (``Paper``, ``Code``: where in mmpsa,
+``Metadata``: architecture, training data, resources) and per model ``Config`` and ``Metadata``
+(params and FLOPs from :mod:`mmpsa.apis.complexity` records, ``tools/complexity.py --json``,
+input, training data). ``Results``, ``Weights``, ``Training log`` and the measured ``Metadata``
+(``Training Resources``, ``Memory (MB)``) are written only by ``tools/reproduce.py TABLE
+publish`` (:func:`update_models`) from finished runs, and kept when the metafiles are rebuilt;
+the paper's numbers are kept apart, as ``Paper Results`` (from ``configs/tables/``). The
+configs of the released PSA Cityscapes weights carry ``Converted From`` (the released download
+page, and what mmpsa verified). The config folders are found by
 :func:`~mmpsa.utils.paths.configs_root`; ``model-index.yml`` goes beside that folder, its
 paths relative to there (the repository root in a checkout).
 """
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -19,18 +26,12 @@ PAPER = dict(
     URL='https://arxiv.org/abs/2107.00782',
     Title='Polarized Self-Attention: Towards High-quality Pixel-wise Regression')
 
-# Results the released repository (DeLightCMU/PSA README, Tables 4 and 5 of the paper)
-# reports, obtained with its own pipeline, keyed by our config stem.
-PAPER_RESULTS = {
-    'psa-p_ocrnet_hr48_4xb2-80k_cityscapes-512x1024': ('mIoU', 86.95),
-    'psa-s_ocrnet_hr48_4xb2-80k_cityscapes-512x1024': ('mIoU', 86.72),
-    'td-hm_psa-p-hrnet-w48_udp-8xb32-210e_coco-256x192': ('AP', 78.9),
-    'td-hm_psa-p-hrnet-w48_udp-8xb32-210e_coco-384x288': ('AP', 79.5),
-    'td-hm_psa-s-hrnet-w48_udp-8xb32-210e_coco-384x288': ('AP', 79.4),
+# Paper results of the released weights' configs (the trainable configs' paper values are in
+# the reproduction tables, configs/tables/*.py), keyed by our config stem.
+RELEASED_PAPER_RESULTS = {
     'psa-p_mscale-ocrnet_hr48_official_cityscapes-1024x2048': ('mIoU', 86.95),
     'psa-s_mscale-ocrnet_hr48_official_cityscapes-1024x2048': ('mIoU', 86.72),
 }
-PAPER_SOURCE = 'paper (its pipeline), not reproduced here'
 # The configs of the released weights (mmpsa.seg.released converts them) say what was checked.
 RELEASED_CODE = 'https://github.com/DeLightCMU/PSA'
 RELEASED_SOURCE = ('paper: the released weights, evaluated by the released code; mmpsa verified '
@@ -38,12 +39,25 @@ RELEASED_SOURCE = ('paper: the released weights, evaluated by the released code;
 RELEASED_VERIFIED = ("outputs equal the released network's (per scale and joined, 1e-4 relative; "
                      'tests/test_seg/test_released_weights.py); mIoU not measured (no Cityscapes)')
 
+#: Metadata keys that only publish writes (measured), kept when the metafiles are rebuilt.
+PUBLISHED = ('Results', 'Weights', 'Training log')
+PUBLISHED_METADATA = ('Training Resources', 'Memory (MB)')
+# The collection's architecture, per family folder.
+ARCHITECTURES = {
+    'mmseg/psa_deeplabv3plus': ['ResNet', 'PSA', 'DeepLabV3+'],
+    'mmseg/psa_hrnet': ['HRNetV2', 'PSA', 'FCN'],
+    'mmseg/psa_ocrnet': ['HRNetV2', 'PSA', 'OCR'],
+    'mmseg/psa_mscale_ocrnet': ['HRNetV2', 'PSA', 'OCR', 'Hierarchical multi-scale attention'],
+    'mmpose/psa_hrnet': ['HRNet', 'PSA', 'Top-down heatmap'],
+    'mmpose/psa_resnet': ['ResNet', 'PSA', 'SimpleBaseline', 'Top-down heatmap'],
+    'mmpose/psa_head_neck': ['HRNet', 'ResNet', 'PSA', 'Top-down heatmap'],
+}
+
 COLLECTIONS = {
     'mmseg/psa_deeplabv3plus': ('PSA-DeepLabV3+', 'Cityscapes', 'Semantic Segmentation'),
     'mmseg/psa_hrnet': ('PSA-FCN-HRNetV2', 'Cityscapes', 'Semantic Segmentation'),
     'mmseg/psa_ocrnet': ('PSA-OCRNet-HRNetV2', 'Cityscapes', 'Semantic Segmentation'),
-    'mmseg/psa_mscale_ocrnet':
-    ('PSA-OCRNet-HRNetV2-Mscale', 'Cityscapes', 'Semantic Segmentation'),
+    'mmseg/psa_mscale_ocrnet': ('PSA-OCRNet-HRNetV2-Mscale', 'Cityscapes', 'Semantic Segmentation'),
     'mmpose/psa_hrnet': ('PSA-TopDown-HRNet', 'COCO', 'Body 2D Keypoint'),
     'mmpose/psa_resnet': ('PSA-SimpleBaseline', 'COCO', 'Body 2D Keypoint'),
     'mmpose/psa_head_neck': ('PSA-Heads-Necks-Pose', 'COCO', 'Body 2D Keypoint'),
@@ -57,6 +71,44 @@ def _records(json_files: Iterable[str]) -> Dict[str, Dict[str, dict]]:
         for rec in json.loads(Path(path).read_text()):
             out[Path(rec['config']).stem][rec.get('psa_form', 'fused')] = rec
     return out
+
+
+def paper_results() -> Dict[str, Tuple[str, float, str]]:
+    """Config stem -> ``(metric, value, source)``: the reproduction tables' paper values and
+    those of the released weights' configs."""
+    from .reproduce import config_name, load_table, tables_root
+    out = {
+        stem: (metric, value, RELEASED_SOURCE)
+        for stem, (metric, value) in RELEASED_PAPER_RESULTS.items()
+    }
+    for path in sorted(tables_root().glob('*.py')):
+        for row in load_table(str(path)).rows:
+            if row.paper:
+                out[config_name(row.psa)] = (row.label, row.paper['value'], row.paper['source'])
+    return out
+
+
+def _published(path: Path) -> Dict[str, dict]:
+    """Model name -> what publish wrote into an existing metafile (kept on rebuild)."""
+    if not path.is_file():
+        return {}
+    kept = {}
+    for model in (yaml.safe_load(path.read_text()) or {}).get('Models', []):
+        entry = {k: model[k] for k in PUBLISHED if k in model}
+        meta = {
+            k: model.get('Metadata', {})[k]
+            for k in PUBLISHED_METADATA if k in model.get('Metadata', {})
+        }
+        if meta:
+            entry['Metadata'] = meta
+        kept[model['Name']] = entry
+    return kept
+
+
+def _resources(stem: str) -> Optional[str]:
+    """``'4x GPUs'`` from a config name's ``{gpus}xb{batch}`` part (OpenMMLab naming)."""
+    match = re.search(r'(\d+)xb\d+', stem)
+    return f'{match.group(1)}x GPUs' if match else None
 
 
 def converted_from() -> Dict[str, dict]:
@@ -87,10 +139,12 @@ def build_metafiles(json_files: Iterable[str],
     records = _records(json_files)
     repo = configs_root().parent
     released = converted_from()
+    papers = paper_results()
     metafiles = {}
     for key in COLLECTIONS if keys is None else keys:
         name, dataset, task = COLLECTIONS[key]
         folder = configs_root() / key
+        published = _published(folder / 'metafile.yml')
         models = []
         for config in sorted(folder.glob('*.py')):
             stem = config.stem
@@ -106,24 +160,78 @@ def build_metafiles(json_files: Iterable[str],
                 'Stock Parameters (M)': round(lit['stock']['params'] / 1e6, 2),
                 'Stock FLOPs (G)': round(lit['stock']['flops'] / 1e9, 2),
                 'Input': f'{h}x{w}',
+                'Training Data': dataset,
             }
-            model = {'Name': stem, 'In Collection': name,
-                     'Config': str(config.relative_to(repo)), 'Metadata': meta}
-            if stem in PAPER_RESULTS:
-                metric, value = PAPER_RESULTS[stem]
-                model['Results'] = [{'Task': task, 'Dataset': dataset,
-                                     'Metrics': {metric: value},
-                                     'Source': RELEASED_SOURCE if stem in released
-                                     else PAPER_SOURCE}]
+            kept = dict(published.get(stem, {}))
+            meta.update(kept.pop('Metadata', {}))
+            model = {
+                'Name': stem,
+                'In Collection': name,
+                'Config': str(config.relative_to(repo)),
+                'Metadata': meta
+            }
+            model.update(kept)  # Results, Weights, Training log: only from publish
+            if stem in papers:
+                metric, value, source = papers[stem]
+                model['Paper Results'] = [{
+                    'Task': task,
+                    'Dataset': dataset,
+                    'Metrics': {
+                        metric: value
+                    },
+                    'Source': source
+                }]
             if stem in released:
                 model['Converted From'] = released[stem]
             models.append(model)
-        metafiles[folder / 'metafile.yml'] = {
-            'Collections': [{'Name': name, 'Metadata': {'Training Data': dataset},
-                             'Paper': PAPER, 'README': 'README.md'}],
-            'Models': models,
+        collection = {
+            'Name': name,
+            'Metadata': {
+                'Architecture': ARCHITECTURES[key],
+                'Training Data': dataset,
+            },
+            'Paper': PAPER,
+            'Code': {
+                'URL': f'mmpsa/{"seg" if key.startswith("mmseg") else "pose"}',
+            },
+            'README': 'README.md'
         }
+        resources = {_resources(m['Name']) for m in models} - {None}
+        if len(resources) == 1:
+            collection['Metadata']['Training Resources'] = resources.pop()
+        metafiles[folder / 'metafile.yml'] = {'Collections': [collection], 'Models': models}
     return metafiles
+
+
+def update_models(updates: Dict[str, dict]) -> List[str]:
+    """Write published entries into the metafiles (``tools/reproduce.py TABLE publish``).
+
+    Args:
+        updates: Model name -> ``{'Results': ..., 'Weights': ..., 'Training log': ...,
+            'Metadata': {...}}``; ``Metadata`` keys are merged, the others replaced.
+
+    Returns:
+        The names of the models written (names without a metafile entry are skipped).
+    """
+    written = []
+    for key in COLLECTIONS:
+        path = configs_root() / key / 'metafile.yml'
+        if not path.is_file():
+            continue
+        content = yaml.safe_load(path.read_text())
+        changed = False
+        for model in content.get('Models', []):
+            update = updates.get(model['Name'])
+            if update is None:
+                continue
+            update = dict(update)
+            model.setdefault('Metadata', {}).update(update.pop('Metadata', {}))
+            model.update({k: v for k, v in update.items() if v is not None})
+            written.append(model['Name'])
+            changed = True
+        if changed:
+            path.write_text(yaml.safe_dump(content, sort_keys=False, width=100))
+    return written
 
 
 def write_model_index(json_files: Iterable[str],

@@ -34,6 +34,29 @@ def make_tiny_data(root: Union[str, Path], scope: str) -> Path:
     return root
 
 
+def data_root_updates(cfg: Config, data_root: Union[str, Path]) -> Dict[str, str]:
+    """The config changes that point a config's datasets (and COCO annotation files) at a folder.
+
+    Args:
+        cfg: The config.
+        data_root: The data folder (e.g. the generated tiny data).
+
+    Returns:
+        ``--cfg-options``-style ``{key: value}`` for the train/val/test datasets' ``data_root``
+        and the evaluators' ``ann_file`` (same file name under ``annotations/``).
+    """
+    root = str(data_root).rstrip('/') + '/'
+    updates = {}
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(loader) is not None:
+            updates[f'{loader}.dataset.data_root'] = root
+    for evaluator in ('val_evaluator', 'test_evaluator'):
+        ev = cfg.get(evaluator)
+        if isinstance(ev, dict) and ev.get('ann_file'):
+            updates[f'{evaluator}.ann_file'] = root + 'annotations/' + Path(ev.ann_file).name
+    return updates
+
+
 def tiny_config(config: Union[str, Path],
                 data_root: Union[str, Path],
                 work_dir: Optional[Union[str, Path]] = None,
@@ -50,14 +73,7 @@ def tiny_config(config: Union[str, Path],
         The config.
     """
     cfg = Config.fromfile(str(config))
-    root = str(data_root).rstrip('/') + '/'
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        if cfg.get(loader) is not None:
-            cfg[loader].dataset.data_root = root
-    for evaluator in ('val_evaluator', 'test_evaluator'):
-        ev = cfg.get(evaluator)
-        if isinstance(ev, dict) and ev.get('ann_file'):
-            ev.ann_file = root + 'annotations/' + Path(ev.ann_file).name
+    cfg.merge_from_dict(data_root_updates(cfg, data_root))
     if work_dir is not None:
         cfg.work_dir = str(work_dir)
     if cfg_options:

@@ -131,7 +131,8 @@ def test_full_size_models_build_and_run(name, blocks, params):
 @pytest.mark.parametrize('path', TINY_CONFIGS, ids=lambda p: p.name)
 def test_tiny_configs_fit_a_cpu(path):
     cfg = Config.fromfile(str(path))
-    assert cfg.model.backbone.type.startswith('PSA') and cfg.model.backbone.psa
+    if '_psa-' in path.name:  # td-hm_hrnet-tiny is the PSA tiny configs' stock twin
+        assert cfg.model.backbone.type.startswith('PSA') and cfg.model.backbone.psa
     assert cfg.model.backbone.init_cfg is None
     assert all(side % 32 == 0 for side in cfg.codec.input_size)
     for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):

@@ -1,82 +1,9 @@
-# A tiny PSA_p HRNet on the tiny synthetic COCO-keypoints set (tools/make_tiny_coco.py):
-# the full PSA HRNet config shrunk for CPU tests and demos. Narrow HRNet (16/32/64/128,
-# one block per branch, PSA in every block), 96x64 input (mmpose's HRNet needs sides
-# divisible by 32), no pretrained weights, plain BN, ground-truth boxes for validation,
-# light augmentation (flip, +-10 % scale) and sigma 2 so that a few hundred CPU-seconds
-# of compute are not needed: about 100 iterations reach a clearly non-trivial COCO AP.
-_base_ = ['../psa_hrnet/td-hm_psa-p-hrnet-w32_8xb64-210e_coco-256x192.py']
-
-data_root = 'data/tiny_coco/'
-max_epochs = 5
-
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
-optim_wrapper = dict(optimizer=dict(type='Adam', lr=6e-3))
-param_scheduler = [
-    dict(type='LinearLR', begin=0, end=10, start_factor=0.1, by_epoch=False),
-    dict(type='CosineAnnealingLR', begin=0, end=max_epochs, eta_min=1e-4, by_epoch=True),
-]
-default_hooks = dict(
-    logger=dict(interval=5),
-    checkpoint=dict(interval=1, max_keep_ckpts=2, save_best='coco/AP', rule='greater'))
-randomness = dict(seed=0)
-
-codec = dict(type='MSRAHeatmap', input_size=(64, 96), heatmap_size=(16, 24), sigma=2)
+# A tiny PSA_p HRNet on the tiny synthetic COCO-keypoints set: the tiny stock HRNet config with
+# the full PSA HRNet configs' change, PSA_p (paper variant) in every residual block of every stage.
+_base_ = ['./td-hm_hrnet-tiny_1xb16-5e_tinycoco-96x64.py']
+custom_imports = dict(imports=['mmpsa'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(
-        extra=dict(
-            stage1=dict(
-                num_modules=1,
-                num_branches=1,
-                block='BOTTLENECK',
-                num_blocks=(1, ),
-                num_channels=(16, )),
-            stage2=dict(
-                num_modules=1,
-                num_branches=2,
-                block='BASIC',
-                num_blocks=(1, 1),
-                num_channels=(16, 32)),
-            stage3=dict(
-                num_modules=1,
-                num_branches=3,
-                block='BASIC',
-                num_blocks=(1, 1, 1),
-                num_channels=(16, 32, 64)),
-            stage4=dict(
-                num_modules=1,
-                num_branches=4,
-                block='BASIC',
-                num_blocks=(1, 1, 1, 1),
-                num_channels=(16, 32, 64, 128))),
-        init_cfg=None),
-    head=dict(in_channels=16, decoder=codec))
-
-train_pipeline = [
-    dict(type='LoadImage'),
-    dict(type='GetBBoxCenterScale'),
-    dict(type='RandomFlip', direction='horizontal'),
-    dict(type='RandomBBoxTransform', shift_prob=0.0, scale_factor=(0.9, 1.1), rotate_prob=0.0),
-    dict(type='TopdownAffine', input_size=codec['input_size']),
-    dict(type='GenerateTarget', encoder=codec),
-    dict(type='PackPoseInputs')
-]
-val_pipeline = [
-    dict(type='LoadImage'),
-    dict(type='GetBBoxCenterScale'),
-    dict(type='TopdownAffine', input_size=codec['input_size']),
-    dict(type='PackPoseInputs')
-]
-train_dataloader = dict(
-    batch_size=16,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(
-    batch_size=32,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(data_root=data_root, bbox_file=None, pipeline=val_pipeline))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/person_keypoints_val2017.json')
-test_evaluator = val_evaluator
+        type='PSAHRNet',
+        psa=dict(mode='parallel', variant='paper', stages=(True, True, True, True))))
