@@ -133,6 +133,7 @@ setup(
         'pose': parse_requirements('pose'),
         'mim': parse_requirements('mminstall'),
         'tests': parse_requirements('tests'),
+        'deploy': parse_requirements('deploy'),
     },
     zip_safe=False,
     **build_args(),

@@ -1,0 +1,308 @@
+"""Export a seg or pose model (or any image module) to ONNX and check it with onnxruntime.
+
+The export goes through ``torch.export`` (non-strict) under :func:`export_rewrites`, then
+``torch.onnx.export(..., dynamo=True)``; the file is then run with onnxruntime on the CPU
+and compared with the eager model at the exported size and, for a dynamic export, at a
+second size. A model whose code fixes a size at export (an ``int()`` of a traced size)
+is off at the second size; the export is then refused and the modules that turn
+symbolic sizes into constants are named. Needs the ``deploy`` extra
+(``pip install mmpsa[deploy]``: onnx, onnxscript, onnxruntime).
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .rewriters import export_rewrites
+
+#: Largest ``max |onnx - eager| / max |eager|`` a check accepts.
+TOLERANCE = 1e-4
+#: Ops whose output size is fixed by design, not baked in by the export.
+_FIXED_SIZE_OPS = ('adaptive_avg_pool', 'adaptive_max_pool')
+
+
+class DeployError(RuntimeError):
+    """A model that cannot be exported as asked; the message says why."""
+
+
+class TensorForward(nn.Module):
+    """``model(inputs, mode='tensor')`` as a module of one tensor: a segmentor's logits,
+    a top-down pose model's heatmaps. The input is the preprocessed (normalised) batch.
+
+    Args:
+        model: An mmseg segmentor or mmpose pose estimator.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(inputs, None, mode='tensor')
+        if not isinstance(out, torch.Tensor):
+            raise DeployError(f"{type(self.model).__name__}(mode='tensor') returns "
+                              f'{type(out).__name__}, not one tensor: not exportable here')
+        return out
+
+
+@dataclass
+class Comparison:
+    """onnxruntime against eager at one input size."""
+    shape: Tuple[int, int]
+    max_abs: float
+    max_rel: float  # max_abs / max |eager|
+    note: str = ''
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel <= TOLERANCE
+
+    def __str__(self) -> str:
+        h, w = self.shape
+        text = f'{h}x{w}: max abs diff {self.max_abs:.2e}, relative {self.max_rel:.2e}'
+        return f'{text} ({self.note})' if self.note else text
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_module` wrote and measured."""
+    path: Path
+    dynamic: bool
+    seconds: float = 0.0
+    rewrites: List[str] = field(default_factory=list)
+    checks: List[Comparison] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def compare(actual: np.ndarray, expected: torch.Tensor, shape: Tuple[int, int]) -> Comparison:
+    """The max abs and relative difference of ``actual`` to ``expected`` (inf if the
+    shapes differ)."""
+    ref = expected.detach().numpy()
+    if actual.shape != ref.shape:
+        return Comparison(shape, float('inf'), float('inf'),
+                          f'output shape {tuple(actual.shape)}, eager {tuple(ref.shape)}')
+    diff = float(np.abs(actual - ref).max())
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    return Comparison(shape, diff, diff / scale)
+
+
+def baked_in_sizes(program: torch.export.ExportedProgram) -> List[str]:
+    """The modules of ``program`` that turn symbolic image sizes into constants.
+
+    A node counts when it maps a (N, C, H, W) tensor with a symbolic H or W to one whose
+    H and W are constants larger than 1 (adaptive pooling excepted), e.g. an upsample
+    to ``int(h * 2)`` computed at export.
+
+    Returns:
+        ``'path (Class)'`` of each such module, in graph order, once.
+    """
+
+    def symbolic(value) -> bool:
+        return (isinstance(value, torch.Tensor) and value.dim() == 4
+                and any(isinstance(d, torch.SymInt) for d in value.shape[2:]))
+
+    found: List[str] = []
+    for node in program.graph.nodes:
+        out = node.meta.get('val')
+        if (node.op != 'call_function' or not isinstance(out, torch.Tensor) or out.dim() != 4
+                or symbolic(out) or max(out.shape[2:]) <= 1
+                or any(op in str(node.target) for op in _FIXED_SIZE_OPS)
+                or not any(symbolic(arg.meta.get('val')) for arg in node.all_input_nodes)):
+            continue
+        stack = list((node.meta.get('nn_module_stack') or {}).values())
+        path, cls = stack[-1] if stack else ('', '')
+        path = path.split('.', 1)[1] if path.startswith('model.') else path
+        name = getattr(cls, '__name__', str(cls).rsplit('.', 1)[-1])
+        entry = f'{path or "<top>"} ({name})'
+        if entry not in found:
+            found.append(entry)
+    return found
+
+
+def run_onnx(path: Union[str, Path], inputs: torch.Tensor) -> np.ndarray:
+    """Run an exported file with onnxruntime on the CPU."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
+    return sess.run(None, {sess.get_inputs()[0].name: inputs.numpy()})[0]
+
+
+def _eager(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(inputs)
+
+
+def export_module(module: nn.Module,
+                  shape: Sequence[int],
+                  out: Union[str, Path],
+                  dynamic: bool = False,
+                  opset: Optional[int] = None,
+                  second_shape: Optional[Sequence[int]] = None,
+                  channels: int = 3,
+                  log: Callable[[str], None] = print) -> ExportReport:
+    """Export ``module`` (one image batch in, one tensor out) to ONNX and check it.
+
+    Args:
+        module: The module, in eval mode, on the CPU.
+        shape: ``(H, W)`` of the example input (batch 1).
+        out: The ``.onnx`` file to write.
+        dynamic: Export with symbolic H and W, and check a second size.
+        opset: The ONNX opset (default: torch's).
+        second_shape: The second size (default: ``H + 32, W + 32``).
+        channels: Input channels.
+        log: Where progress lines go.
+
+    Returns:
+        The report (checks at each size).
+
+    Raises:
+        DeployError: The export failed, onnxruntime disagrees with eager at the exported
+            size, or (``dynamic``) at the second size; the file is then removed.
+    """
+    h, w = (int(s) for s in shape)
+    if h < 1 or w < 1:
+        raise ValueError(f'shape must be two positive sides, got {tuple(shape)!r}')
+    out = Path(out)
+    report = ExportReport(out, dynamic)
+    start = time.time()
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(1, channels, h, w, generator=gen)
+    dims = ({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}, ) if dynamic else None
+    log(f'[export] torch.export at {h}x{w}{" (dynamic H, W)" if dynamic else ""} ...')
+    with export_rewrites() as report.rewrites:
+        try:
+            program = torch.export.export(module, (example, ), dynamic_shapes=dims, strict=False)
+        except DeployError:
+            raise
+        except Exception as e:
+            raise DeployError(f'torch.export failed: {type(e).__name__}: {e}') from e
+    log(f'[export] {time.time() - start:.1f} s; converting to ONNX ...')
+    try:
+        onnx_program = torch.onnx.export(
+            program, (example, ),
+            dynamo=True,
+            opset_version=opset,
+            input_names=['inputs'],
+            output_names=['outputs'],
+            verbose=False)
+    except Exception as e:
+        raise DeployError(f'ONNX conversion failed: {type(e).__name__}: {e}') from e
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_program.save(str(out))
+    report.seconds = time.time() - start
+    log(f'[export] wrote {out} ({report.seconds:.1f} s); checking with onnxruntime ...')
+
+    def check(x: torch.Tensor, expected: Optional[torch.Tensor] = None) -> Comparison:
+        size = tuple(x.shape[2:])
+        if expected is None:
+            expected = _eager(module, x)
+        try:
+            result = compare(run_onnx(out, x), expected, size)
+        except Exception as e:  # onnxruntime refuses (a size baked in breaks a broadcast)
+            result = Comparison(size, float('inf'), float('inf'),
+                                f'onnxruntime failed: {type(e).__name__}')
+        report.checks.append(result)
+        log(f'[check] {result}')
+        return result
+
+    def refuse(message: str) -> None:
+        out.unlink(missing_ok=True)
+        raise DeployError(message)
+
+    first = check(example)
+    if not first.ok:
+        refuse(f'onnxruntime disagrees with eager at the exported size: {first}')
+    if not dynamic:
+        return report
+    placeholder = [n for n in program.graph.nodes if n.op == 'placeholder'][-1].meta['val']
+    fixed = [side for side, d in zip('HW', placeholder.shape[2:]) if isinstance(d, int)]
+    if fixed:
+        refuse(f'--dynamic: the export fixed {" and ".join(fixed)} of the input '
+               f'({tuple(placeholder.shape)}): the model is exact at {h}x{w} only; '
+               'export without --dynamic')
+    h2, w2 = (int(s) for s in (second_shape or (h + 32, w + 32)))
+    x2 = torch.randn(1, channels, h2, w2, generator=gen)
+    try:
+        expected = _eager(module, x2)
+    except Exception as e:
+        refuse(f'--dynamic: the model itself does not run at the second size {h2}x{w2} '
+               f'({type(e).__name__}: {e}); choose a size it takes with --second-shape')
+    second = check(x2, expected)
+    if not second.ok:
+        baked = baked_in_sizes(program)
+        more = f' and {len(baked) - 4} more' if len(baked) > 4 else ''
+        where = ('sizes baked in as constants by: ' + ', '.join(baked[:4]) +
+                 more) if baked else ('no module with a constant size found')
+        refuse(f'--dynamic refused: at {second}, over the tolerance {TOLERANCE:g}; {where}. '
+               f'The file would be exact at {h}x{w} only: export without --dynamic, '
+               'or make those sizes symbolic (see mmpsa/deploy/rewriters.py)')
+    # which sizes: a side that is no multiple of 16 tells apart stride-exact models
+    h3, w3 = h2 + 8, w2 + 8
+    try:
+        x3 = torch.randn(1, channels, h3, w3, generator=gen)
+        expected = _eager(module, x3)
+    except Exception as e:  # the model itself does not take every size
+        report.notes.append(f'exact at the checked sizes {h}x{w} and {h2}x{w2}; the model '
+                            f'itself (eager) does not run at {h3}x{w3} ({type(e).__name__})')
+    else:
+        third = check(x3, expected)
+        if not third.ok:
+            report.notes.append(f'exact at {h}x{w} and {h2}x{w2}, NOT at {h3}x{w3} '
+                                f'({third}): use sizes like the checked ones')
+    for note in report.notes:
+        log(f'[check] {note}')
+    return report
+
+
+def load_model(config: Union[str, Path],
+               checkpoint: Optional[str] = None,
+               cfg_options: Optional[dict] = None) -> TensorForward:
+    """Build a seg or pose model from its config for export: eval, CPU, plain BN.
+
+    Args:
+        config: An mmseg or mmpose config (``default_scope`` says which).
+        checkpoint: Weights (default: the model's construction-time init).
+        cfg_options: Config overrides.
+    """
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+
+    import mmpsa  # noqa: F401  (registers the PSA models)
+    from mmpsa.apis.attention import _scope_of
+    if not Path(config).is_file():
+        raise ValueError(f'config not found: {str(config)!r}')
+    cfg = Config.fromfile(str(config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = _scope_of(cfg)
+    if scope == 'mmseg':
+        from mmseg.apis import init_model
+    else:
+        from mmpose.apis import init_model
+    model = init_model(cfg, checkpoint, device='cpu')
+    return TensorForward(revert_sync_batchnorm(model)).eval()
+
+
+def export_config(config: Union[str, Path],
+                  out: Union[str, Path],
+                  shape: Sequence[int],
+                  checkpoint: Optional[str] = None,
+                  log: Callable[[str], None] = print,
+                  **kwargs) -> ExportReport:
+    """Export the model of an mmseg/mmpose config (seg: logits, pose: heatmaps) to ONNX.
+
+    Args:
+        config: The config file.
+        out: The ``.onnx`` file.
+        shape: ``(H, W)`` of the exported input.
+        checkpoint: Weights to load.
+        log: Where progress lines go.
+        **kwargs: :func:`export_module`'s ``dynamic``, ``opset``, ``second_shape``.
+    """
+    log(f'[export] building {config} ...')
+    return export_module(load_model(config, checkpoint), shape, out, log=log, **kwargs)
