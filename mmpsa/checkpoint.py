@@ -305,7 +305,7 @@ def check_psa_match(checkpoint: dict,
                     model: torch.nn.Module,
                     filename: str,
                     purpose: str,
-                    allow_missing_psa: bool = False) -> None:
+                    allow_missing_psa: bool = False) -> List[str]:
     """Refuse (or, for fine-tuning, report) a checkpoint whose model is not the config's.
 
     The checkpoint's :func:`psa_record` (``meta['psa']``) is compared with the model's; a
@@ -326,6 +326,11 @@ def check_psa_match(checkpoint: dict,
         filename: The checkpoint's name, for messages.
         purpose: One of :data:`LOAD_PURPOSES`.
         allow_missing_psa: ``'test'`` only: a stock checkpoint is meant.
+
+    Returns:
+        The model's PSA state_dict keys that the checkpoint lacks and that are accepted
+        (fine-tuning, or a test with ``allow_missing_psa``); :func:`keep_missing_psa` fills
+        them in so that mmengine's loader does not list them again.
 
     Raises:
         CheckpointMismatchError: As above, naming the file and both settings.
@@ -365,7 +370,7 @@ def check_psa_match(checkpoint: dict,
                 '\n'.join(_record_diff(saved, current)),
                 logger='current',
                 level=logging.WARNING)
-        return
+        return sorted(missing & psa_keys)
 
     if stock and purpose == 'test' and allow_missing_psa:
         print_log(
@@ -373,7 +378,7 @@ def check_psa_match(checkpoint: dict,
             'tested at their initialisation (--allow-missing-psa).',
             logger='current',
             level=logging.WARNING)
-        return
+        return sorted(missing & psa_keys)
     problems: List[str] = []
     if saved is not None:
         problems = _record_diff(saved, current)
@@ -391,7 +396,7 @@ def check_psa_match(checkpoint: dict,
             problems.append(f'  other keys: missing {_key_list(list(missing - psa_keys))}; '
                             f'unexpected {_key_list(list(set(unexpected) - set(unexpected_psa)))}')
     if not problems:
-        return
+        return []
     source = ('its PSA record (meta[\'psa\'])'
               if saved is not None else 'its state_dict keys and shapes (no PSA record)')
     hint = ''
@@ -404,6 +409,23 @@ def check_psa_match(checkpoint: dict,
     raise CheckpointMismatchError(
         f'{head} does not hold the model this config builds, by {source}:\n' + '\n'.join(problems) +
         hint)
+
+
+def keep_missing_psa(checkpoint: dict, model: torch.nn.Module, keys: List[str]) -> None:
+    """Put the model's own values of ``keys`` into the checkpoint's state_dict.
+
+    Loading then leaves those tensors as they are (their initialisation), and mmengine's
+    list of missing keys does not repeat what :func:`check_psa_match` has already listed.
+
+    Args:
+        checkpoint: The loaded checkpoint dict; changed in place.
+        model: The model it is loaded into (not wrapped).
+        keys: State_dict keys of ``model``.
+    """
+    state = checkpoint['state_dict'] if 'state_dict' in checkpoint else checkpoint
+    model_state = model.state_dict()
+    for key in keys:
+        state[key] = model_state[key]
 
 
 register_safe_globals()

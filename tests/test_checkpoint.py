@@ -15,8 +15,8 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 import mmpsa  # noqa: F401  (registers the allow-list)
 from mmpsa.checkpoint import (CheckpointMismatchError, CheckpointReadError, check_checkpoint_file,
-                              check_psa_match, history_buffer_getattr, psa_record, read_checkpoint,
-                              safe_globals, verify_checkpoint_file)
+                              check_psa_match, history_buffer_getattr, keep_missing_psa, psa_record,
+                              read_checkpoint, safe_globals, verify_checkpoint_file)
 from mmpsa.layers import PolarizedSelfAttention
 
 # Globals that run code or reach arbitrary attributes: none may be allowed.
@@ -173,10 +173,7 @@ def test_corrupt_pickle_passes_the_quick_check_and_fails_the_read(tmp_path: Path
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith('/data.pkl'))
-    # Local file header: 30 bytes, then the name and the extra field, then the data.
-    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], 'little')
-    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], 'little')
-    start = info.header_offset + 30 + name_len + extra_len
+    start = _record_offset(path, '/data.pkl')
     data[start:start + info.compress_size] = b'\x00' * info.compress_size
     path.write_bytes(bytes(data))
     check_checkpoint_file(str(path))
@@ -190,7 +187,8 @@ def test_remote_checkpoint_names_are_left_to_mmengine():
 
 
 def _record_offset(path: Path, suffix: str) -> int:
-    """Where the data of the zip record whose name ends with ``suffix`` starts."""
+    """Where the data of the zip record whose name ends with ``suffix`` starts (after the
+    30-byte local file header, the name and the extra field)."""
     with zipfile.ZipFile(path) as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
     data = path.read_bytes()
@@ -281,10 +279,16 @@ def test_stock_checkpoint_test_needs_the_flag(record, caplog):
 def test_fine_tuning_from_stock_lists_the_psa_blocks_once(capsys):
     from mmengine.logging import MMLogger
     MMLogger.get_instance('mmpsa_test_finetune')
-    check_psa_match(_ckpt(_Net(psa=False)), _Net(), 'stock.pth', 'load_from')
+    stock, model = _ckpt(_Net(psa=False)), _Net()
+    accepted = check_psa_match(stock, model, 'stock.pth', 'load_from')
     out = capsys.readouterr()
     text = out.out + out.err
     assert text.count('has no weights for 1 of the 1 PSA blocks') == 1 and ': psa' in text
+    assert accepted == sorted(k for k in model.state_dict() if k.startswith('psa.'))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keep_missing_psa(stock, model, accepted)  # mmengine's loader lists no missing key then
+    model.load_state_dict(stock['state_dict'], strict=True)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in accepted)
     check_psa_match(_ckpt(_Net()), _Net(), 'same.pth', 'load_from')
     out = capsys.readouterr()
     assert 'PSA' not in out.out + out.err

@@ -24,7 +24,8 @@ from mmengine.registry import HOOKS
 from mmengine.runner import find_latest_checkpoint
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..checkpoint import LOAD_PURPOSES, PSA_RECORD_KEY, check_psa_match, psa_record
+from ..checkpoint import (LOAD_PURPOSES, PSA_RECORD_KEY, check_psa_match, keep_missing_psa,
+                          psa_record)
 
 
 def _unwrapped(runner) -> torch.nn.Module:
@@ -75,12 +76,10 @@ class PSACheckpointHook(Hook):
         filename = getattr(runner, '_load_from', None)
         if filename is None and resuming:
             filename = find_latest_checkpoint(runner.work_dir)
-        check_psa_match(
-            checkpoint,
-            _unwrapped(runner),
-            str(filename),
-            purpose,
-            allow_missing_psa=self.allow_missing_psa)
+        model = _unwrapped(runner)
+        accepted = check_psa_match(
+            checkpoint, model, str(filename), purpose, allow_missing_psa=self.allow_missing_psa)
+        keep_missing_psa(checkpoint, model, accepted)
 
 
 def sync_buffers(module: torch.nn.Module) -> None:

@@ -257,17 +257,14 @@ def test_truncated_checkpoint_fails_with_an_error_naming_it(killed, tmp_path, lo
 
 
 def test_corrupt_checkpoint_data_fails_with_an_error_naming_it(killed, tmp_path):
-    """A complete zip archive whose pickle is garbage passes the quick check; the runner's
-    load then names the file."""
+    """A complete zip archive whose pickle is zeroed passes the quick check; its CRC check
+    (before the runner is built) names the file."""
     import zipfile
     good = killed / 'seg_killed' / 'iter_3.pth'
     data = bytearray(good.read_bytes())
     with zipfile.ZipFile(good) as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith('/data.pkl'))
-    with open(good, 'rb') as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = (int.from_bytes(f.read(2), 'little') for _ in range(2))
-    start = info.header_offset + 30 + name_len + extra_len
+    start = _record_start(good, info.filename)
     data[start:start + info.compress_size] = b'\x00' * info.compress_size
     bad = tmp_path / 'iter_3.pth'
     bad.write_bytes(bytes(data))
