@@ -1,5 +1,6 @@
-"""The mmseg configs: every one loads, each differs from its base by the PSA change only,
-one model per family builds, and the complexity tool measures PSA against stock."""
+"""The mmseg configs: every one loads, each differs from its base by the PSA change only
+(except the released multi-scale OCR family, whose differences are listed), one model per
+family builds, and the complexity tool measures PSA against stock."""
 import ast
 import copy
 import json
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mmengine.config import Config
 from mmengine.hub import get_config
 from mmseg.registry import MODELS
@@ -20,8 +22,13 @@ CONFIGS = REPO / 'configs' / 'mmseg'
 ALL = sorted(CONFIGS.rglob('*.py'))
 FULL = [p for p in ALL if p.parent.name != 'tiny']
 TINY = [p for p in ALL if p.parent.name == 'tiny']
-BACKBONE_PSA = [p for p in FULL if '-psahead' not in p.name and '-psaneck' not in p.name]
-OPT_IN = [p for p in FULL if p not in BACKBONE_PSA]
+# The documented exception to "stock + one PSA line": the released network (hierarchical
+# multi-scale OCR) changes the segmentor, the OCR head and test_cfg too (tested below).
+MSCALE = [p for p in FULL if p.parent.name == 'psa_mscale_ocrnet']
+BACKBONE_PSA = [
+    p for p in FULL if '-psahead' not in p.name and '-psaneck' not in p.name and p not in MSCALE
+]
+OPT_IN = [p for p in FULL if p not in BACKBONE_PSA and p not in MSCALE]
 ALL_STAGES = (True, True, True, True)
 RELEASED = (False, True, True, True)
 
@@ -68,6 +75,9 @@ def test_the_issue_configs_exist():
         for stem in ('deeplabv3plus_r50-d8', 'deeplabv3plus_r101-d8', 'fcn_hr48', 'ocrnet_hr48'):
             assert f'psa-{mode}_{stem}_4xb2-80k_cityscapes-512x1024.py' in names
     assert len(OPT_IN) >= 3 and len(TINY) == 4
+    kinds = ('official_cityscapes-1024x2048', '4xb2-80k_cityscapes-512x1024')
+    assert sorted(p.name for p in MSCALE) == sorted(
+        f'psa-{mode}_mscale-ocrnet_hr48_{kind}.py' for mode in ('p', 's') for kind in kinds)
 
 
 @pytest.mark.parametrize('path', ALL, ids=_ids(ALL))
@@ -115,6 +125,68 @@ def test_opt_in_config_is_its_psa_config_plus_one_module(path):
         assert head.psa['mode'] == _mode(path)
 
 
+def _mscale_config(mode: str, kind: str) -> Path:
+    return CONFIGS / 'psa_mscale_ocrnet' / f'psa-{mode}_mscale-ocrnet_hr48_{kind}.py'
+
+
+OFFICIAL, TRAIN = 'official_cityscapes-1024x2048', '4xb2-80k_cityscapes-512x1024'
+
+
+def test_official_mscale_config_is_stock_ocrnet_plus_the_released_network():
+    """PSA_p official = the stock OCRNet-HR48 config with: the PSA backbone (released placement),
+    the multi-scale segmentor and OCR head (scale_attn of 256 channels), the released 3-scale
+    evaluation and the strict load check; PSA_s official = that with PSA_s."""
+    path = _mscale_config('p', OFFICIAL)
+    cfg, base = Config.fromfile(str(path)), _load_base(path)
+    assert _base_of(path) == 'mmseg::ocrnet/ocrnet_hr48_4xb2-80k_cityscapes-512x1024.py'
+    assert sorted(_diff(cfg.to_dict(), base.to_dict())) == [
+        'custom_imports', 'model.backbone.psa', 'model.backbone.type',
+        'model.decode_head.1.attn_channels', 'model.decode_head.1.type', 'model.strict_load',
+        'model.test_cfg.scales', 'model.type'
+    ]
+    assert cfg.model.type == 'MscaleCascadeEncoderDecoder' and cfg.model.strict_load is True
+    assert cfg.model.backbone.psa == dict(mode='parallel', variant='official', stages=RELEASED)
+    assert cfg.model.decode_head[1].type == 'MscaleOCRHead'
+    assert cfg.model.decode_head[1].attn_channels == 256
+    assert cfg.model.test_cfg == dict(mode='whole', scales=[0.5, 1.0, 2.0])
+    # the released evaluation: the whole 1024x2048 frame, mmseg's default normalization
+    resize = cfg.test_dataloader.dataset.pipeline[1]
+    assert (resize.type, resize.scale, resize.keep_ratio) == ('Resize', (2048, 1024), True)
+    assert cfg.model.data_preprocessor.mean == [123.675, 116.28, 103.53]
+    assert cfg.model.data_preprocessor.std == [58.395, 57.12, 57.375]
+
+    psa_s = _mscale_config('s', OFFICIAL)
+    assert _diff(Config.fromfile(str(psa_s)).to_dict(),
+                 cfg.to_dict()) == ['model.backbone.psa.mode']
+    assert Config.fromfile(str(psa_s)).model.backbone.psa.mode == 'sequential'
+
+
+@pytest.mark.parametrize('mode', ['p', 's'])
+def test_mscale_train_config_is_the_official_one_with_two_scale_training(mode):
+    path = _mscale_config(mode, TRAIN)
+    cfg = Config.fromfile(str(path))
+    assert _base_of(path) == f'./{_mscale_config(mode, OFFICIAL).name}'
+    assert sorted(_diff(cfg.to_dict(),
+                        _load_base(path).to_dict())) == [
+                            'model.strict_load', 'model.train_cfg.scale_loss_weight',
+                            'model.train_cfg.scales'
+                        ]
+    assert cfg.model.train_cfg == dict(scales=[0.5, 1.0], scale_loss_weight=0.0)
+    assert cfg.model.strict_load is False
+    assert 'NOT the released recipe' in path.read_text()
+
+
+@pytest.mark.parametrize('mode, params', [('parallel', 78_497_398), ('sequential', 77_526_742)])
+def test_mscale_model_has_the_released_networks_size(mode, params):
+    """78.50 M (PSA_p) and 77.53 M (PSA_s) parameters, as the released MscaleOCR built from
+    its code; the released aux-head and OCR 3x3 conv biases (720 + 512) are folded away."""
+    cfg = Config.fromfile(str(_mscale_config(mode[0], OFFICIAL)))
+    with torch.device('meta'):
+        model = MODELS.build(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert round((params + 720 + 512) / 1e6, 2) == {'parallel': 78.50, 'sequential': 77.53}[mode]
+
+
 @pytest.mark.parametrize('path', [p for p in TINY if p.name.startswith('psa-')],
                          ids=_ids([p for p in TINY if p.name.startswith('psa-')]))
 def test_tiny_psa_config_is_tiny_stock_plus_the_psa_line(path):
@@ -134,6 +206,7 @@ def test_tiny_psa_config_is_tiny_stock_plus_the_psa_line(path):
     ('psa_hrnet/psa-p_fcn-psaneck_hr48_4xb2-80k_cityscapes-512x1024.py',
      8 + 48 + 48 + 4),  # BasicBlocks of stages 2-4, plus one per neck level
     ('psa_ocrnet/psa-p_ocrnet-psahead_hr48_4xb2-80k_cityscapes-512x1024.py', 8 + 48 + 48 + 1),
+    ('psa_mscale_ocrnet/psa-s_mscale-ocrnet_hr48_official_cityscapes-1024x2048.py', 8 + 48 + 48),
 ])
 def test_one_model_per_family_builds(name, expected_psa):
     cfg = Config.fromfile(str(CONFIGS / name))

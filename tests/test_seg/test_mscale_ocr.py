@@ -246,6 +246,21 @@ def test_scale_outputs_are_the_network_on_the_resized_input(tiny_model_cfg):
         assert model.scale_outputs(x, 0.5, with_aux=False).keys() == {'cls', 'attn'}
 
 
+def test_slide_mode_runs_the_multiscale_inference_per_window(tiny_model_cfg):
+    whole = _build(_mscale(tiny_model_cfg))
+    slide = _build(
+        _mscale(
+            tiny_model_cfg,
+            test_cfg=dict(
+                mode='slide', crop_size=(64, 64), stride=(64, 64), scales=[0.5, 1.0, 2.0])))
+    x = torch.randn(1, 3, 64, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = slide.inference(x, [dict(ori_shape=(64, 128), img_shape=(64, 128))])
+        left = whole.inference(x[..., :64], [dict(ori_shape=(64, 64))])
+        right = whole.inference(x[..., 64:], [dict(ori_shape=(64, 64))])
+    torch.testing.assert_close(out, torch.cat([left, right], dim=3), rtol=0, atol=1e-6)
+
+
 def _samples(labels: torch.Tensor):
     samples = []
     for label in labels:
