@@ -22,9 +22,12 @@ Everything is accumulated in ``promote(dtype, float32)`` (fp64 stays fp64); no
 ``tl.dot`` is used (the interpreter's bf16 ``tl.dot`` is wrong).
 
 CUDA tensors run compiled kernels. ``TRITON_INTERPRET=1``, set before this module is
-imported (triton reads it when the kernels are decorated), runs them on CPU tensors
-through triton's interpreter: that is how the tests check them on CPU (:data:`INTERPRET`).
+imported and left set (triton reads it when the kernels are decorated and when they run),
+runs them on CPU tensors through triton's interpreter: that is how the tests check them on
+CPU (:data:`INTERPRET`). Offsets are int32: a tensor of 2^31 elements or more is not
+supported.
 """
+import contextlib
 import os
 from typing import List, Optional, Tuple
 
@@ -47,6 +50,23 @@ _TARGET_PROGRAMS = 512  # colsum: split HW into chunks until about this many pro
 
 
 @triton.jit
+def _tile(ptr, b, sb, sc, sn, offs_c, offs_n, mask, ACC: tl.constexpr):
+    """The ``(BLOCK_C, BLOCK_N)`` tile of a ``(B, C, HW)`` tensor of sample ``b``, as ``ACC``."""
+    return tl.load(
+        ptr + b * sb + offs_c[:, None] * sc + offs_n[None, :] * sn, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _xy_tile(x_ptr, y_ptr, b, sxb, sxc, sxn, syb, syc, syn, offs_c, offs_n, mask,
+             HAS_Y: tl.constexpr, ACC: tl.constexpr):
+    """The tile of ``x``, times that of ``y`` with ``HAS_Y``."""
+    t = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
+    if HAS_Y:
+        t = t * _tile(y_ptr, b, syb, syc, syn, offs_c, offs_n, mask, ACC)
+    return t
+
+
+@triton.jit
 def _rowdot_kernel(x_ptr, y_ptr, v_ptr, out_ptr, C, N, sxb, sxc, sxn, syb, syc, syn, svb,
                    HAS_Y: tl.constexpr, HAS_V: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -59,14 +79,8 @@ def _rowdot_kernel(x_ptr, y_ptr, v_ptr, out_ptr, C, N, sxb, sxc, sxn, syb, syc, 
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         mask = mask_c[:, None] & mask_n[None, :]
-        t = tl.load(
-            x_ptr + b * sxb + offs_c[:, None] * sxc + offs_n[None, :] * sxn, mask=mask,
-            other=0.0).to(ACC)
-        if HAS_Y:
-            t = t * tl.load(
-                y_ptr + b * syb + offs_c[:, None] * syc + offs_n[None, :] * syn,
-                mask=mask,
-                other=0.0).to(ACC)
+        t = _xy_tile(x_ptr, y_ptr, b, sxb, sxc, sxn, syb, syc, syn, offs_c, offs_n, mask, HAS_Y,
+                     ACC)
         if HAS_V:
             v = tl.load(v_ptr + b * svb + offs_c, mask=mask_c, other=0.0).to(ACC)
             t = t * v[:, None]
@@ -92,14 +106,8 @@ def _colsum_kernel(x_ptr, y_ptr, p_ptr, out_ptr, mean_ptr, B, C, N, chunk, sxb, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         mask = mask_c[:, None] & mask_n[None, :]
-        t = tl.load(
-            x_ptr + b * sxb + offs_c[:, None] * sxc + offs_n[None, :] * sxn, mask=mask,
-            other=0.0).to(ACC)
-        if HAS_Y:
-            t = t * tl.load(
-                y_ptr + b * syb + offs_c[:, None] * syc + offs_n[None, :] * syn,
-                mask=mask,
-                other=0.0).to(ACC)
+        t = _xy_tile(x_ptr, y_ptr, b, sxb, sxc, sxn, syb, syc, syn, offs_c, offs_n, mask, HAS_Y,
+                     ACC)
         if HAS_MEAN:
             acc_mean += tl.sum(t, axis=1)
         if HAS_P:
@@ -123,9 +131,7 @@ def _gate_kernel(x_ptr, a_ch_ptr, a_sp_ptr, out_ptr, C, N, sxb, sxc, sxn, sob, s
     mask_c = offs_c < C
     mask_n = offs_n < N
     mask = mask_c[:, None] & mask_n[None, :]
-    x = tl.load(
-        x_ptr + b * sxb + offs_c[:, None] * sxc + offs_n[None, :] * sxn, mask=mask,
-        other=0.0).to(ACC)
+    x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
     a_ch = tl.load(a_ch_ptr + b * C + offs_c, mask=mask_c, other=0.0)
     a_sp = tl.load(a_sp_ptr + b * N + offs_n, mask=mask_n, other=0.0)
     if SEQ:
@@ -150,9 +156,7 @@ def _grad_x_kernel(g_ptr, a_ch_ptr, a_sp_ptr, u_ptr, v_ptr, dx_ptr, C, N, sgb, s
     mask_c = offs_c < C
     mask_n = offs_n < N
     mask = mask_c[:, None] & mask_n[None, :]
-    g = tl.load(
-        g_ptr + b * sgb + offs_c[:, None] * sgc + offs_n[None, :] * sgn, mask=mask,
-        other=0.0).to(ACC)
+    g = _tile(g_ptr, b, sgb, sgc, sgn, offs_c, offs_n, mask, ACC)
     a_ch = tl.load(a_ch_ptr + b * C + offs_c, mask=mask_c, other=0.0)
     a_sp = tl.load(a_sp_ptr + b * N + offs_n, mask=mask_n, other=0.0)
     if SEQ:
@@ -426,4 +430,9 @@ def fused_psa(x: Tensor, paper: bool, sequential: bool,
                          '(PSA_s), got paper=False, sequential=True')
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f'x must be a floating-point tensor, got dtype {x.dtype}')
-    return tuple(_TritonPSA.apply(x, paper, sequential, params.ln_eps, *params.tensors))
+    if x.numel() >= 2**31:
+        raise ValueError(f'the Triton kernels index with int32: x must have fewer than 2^31 '
+                         f'elements, got shape {tuple(x.shape)}')
+    # kernels launch on the current device (autograd runs backward on the input's device)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return tuple(_TritonPSA.apply(x, paper, sequential, params.ln_eps, *params.tensors))

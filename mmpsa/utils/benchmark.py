@@ -4,11 +4,13 @@ Library side of ``tools/benchmark_psa.py``. Timings are medians over interleaved
 repetitions (fused, literal, fused, ...) after warm-up, so slow drifts of a shared
 machine hit both forms alike.
 """
+import contextlib
 import copy
 import math
+import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -44,11 +46,18 @@ def saved_activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def _step(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     x.grad = None
     block.zero_grad(set_to_none=True)
+    _sync(x.device)
     t0 = time.perf_counter()
     block(x).backward(grad)
+    _sync(x.device)
     return time.perf_counter() - t0
 
 
@@ -59,7 +68,8 @@ def bench_shape(variant: str,
                 reps: int = 0,
                 min_time: float = 1.0,
                 dtype: torch.dtype = torch.float32,
-                seed: int = 0) -> dict:
+                seed: int = 0,
+                device: Union[str, torch.device] = 'cpu') -> dict:
     """Time fused vs literal fwd+bwd for one shape; measure saved activations.
 
     Args:
@@ -72,17 +82,15 @@ def bench_shape(variant: str,
         min_time (float): See ``reps``. Default: 1.0.
         dtype (torch.dtype): Default: float32.
         seed (int): Default: 0.
+        device (str or torch.device): Default: ``'cpu'``.
 
     Returns:
         dict: times in seconds (medians), speed-up, saved bytes of each form.
     """
     c, h, w = shape
-    torch.manual_seed(seed)
-    fused = PolarizedSelfAttention(c, mode=mode, variant=variant).to(dtype)
+    fused, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device)
     literal = copy.deepcopy(fused)
     literal.fused = False
-    x = torch.randn(batch, c, h, w, dtype=dtype, requires_grad=True)
-    grad = torch.randn(batch, c, h, w, dtype=dtype)
     for _ in range(3):  # warm-up
         _step(fused, x, grad)
         t_lit = _step(literal, x, grad)
@@ -107,6 +115,238 @@ def bench_shape(variant: str,
         literal_saved=saved_activation_bytes(literal, x))
 
 
+def _block_and_input(
+        variant: str, mode: str, shape: Tuple[int, int,
+                                              int], batch: int, dtype: torch.dtype, seed: int,
+        device: Union[str, torch.device]) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A fused block, an input that requires grad and an output gradient, seeded."""
+    c, h, w = shape
+    torch.manual_seed(seed)
+    block = PolarizedSelfAttention(c, mode=mode, variant=variant).to(device, dtype)
+    x = torch.randn(batch, c, h, w, dtype=dtype, device=device, requires_grad=True)
+    return block, x, torch.randn(batch, c, h, w, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def fused_backend(value: Optional[str]) -> Iterator[None]:
+    """Set ``MMPSA_BACKEND`` to ``value`` (None: leave it) for the duration."""
+    old = os.environ.get('MMPSA_BACKEND')
+    if value is not None:
+        os.environ['MMPSA_BACKEND'] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop('MMPSA_BACKEND', None)
+        else:
+            os.environ['MMPSA_BACKEND'] = old
+
+
+#: What :func:`bench_paths` and :func:`parity` can run: the literal form, a fused block down
+#: one ``MMPSA_BACKEND`` value, and BatchNorm2d on the same tensor (the memory-bound
+#: reference; timing only).
+PATHS = ('literal', 'auto', 'triton', 'cpu', 'aten', 'plain', 'bn')
+
+
+def path_taken(out: torch.Tensor) -> str:
+    """Which evaluation produced ``out`` (a block's output that requires grad)."""
+    name = out.grad_fn.name() if out.grad_fn is not None else ''
+    if 'FusedPSA' in name:
+        return 'compiled'
+    return 'triton' if 'Triton' in name else 'plain/literal'
+
+
+def _path_module(path: str, block: torch.nn.Module) -> torch.nn.Module:
+    if path == 'bn':
+        param = next(block.parameters())
+        return torch.nn.BatchNorm2d(block.in_channels).to(param.device)
+    if path == 'literal':
+        literal = copy.deepcopy(block)
+        literal.fused = False
+        return literal
+    if path not in PATHS:
+        raise ValueError(f'path must be one of {PATHS}, got {path!r}')
+    return block
+
+
+def bench_paths(variant: str,
+                mode: str,
+                shape: Tuple[int, int, int],
+                paths: Sequence[str] = ('literal', 'aten', 'triton', 'bn'),
+                batch: int = 2,
+                reps: int = 20,
+                dtype: torch.dtype = torch.float32,
+                device: Union[str, torch.device] = 'cpu',
+                seed: int = 0) -> dict:
+    """Median fwd+bwd time of the block down each of ``paths`` (:data:`PATHS`), interleaved.
+
+    A path that cannot run here (e.g. ``triton`` without a GPU or the interpreter) gets
+    its error message instead of a time.
+
+    Args:
+        variant, mode, shape, batch, dtype, seed: As for :func:`bench_shape`.
+        paths (sequence of str): What to time.
+        reps (int): Interleaved repetitions after 3 warm-ups. Default: 20.
+        device (str or torch.device): Default: ``'cpu'``.
+
+    Returns:
+        dict: ``variant``, ``mode``, ``shape``, ``batch``, ``dtype``, ``times`` (path ->
+        seconds or the error), ``taken`` (path -> what ran, :func:`path_taken`).
+    """
+    block, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device)
+    modules = {p: _path_module(p, block) for p in paths}
+    times: Dict[str, Union[List[float], str]] = {}
+    taken: Dict[str, str] = {}
+    for path in paths:
+        backend = None if path in ('literal', 'bn') else path
+        try:
+            with fused_backend(backend):
+                for _ in range(3):
+                    _step(modules[path], x, grad)
+                out = modules[path](x)
+            taken[path] = 'bn' if path == 'bn' else path_taken(out)
+            times[path] = []
+        except (RuntimeError, ValueError) as e:
+            times[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+    for _ in range(reps):
+        for path in paths:
+            if isinstance(times[path], list):
+                with fused_backend(None if path in ('literal', 'bn') else path):
+                    times[path].append(_step(modules[path], x, grad))
+    return dict(
+        variant=variant,
+        mode=mode,
+        shape=shape,
+        batch=batch,
+        dtype=str(dtype).replace('torch.', ''),
+        times={
+            p: statistics.median(t) if isinstance(t, list) else t
+            for p, t in times.items()
+        },
+        taken=taken)
+
+
+def format_paths_table(results: Sequence[dict]) -> str:
+    """A Markdown table of :func:`bench_paths` results: ms per path, x literal, x BN."""
+    paths = list(results[0]['times']) if results else []
+    head = '| variant | mode | dtype | B x C @ H x W | ' + ' | '.join(f'{p} ms'
+                                                                      for p in paths) + ' | ran |'
+    lines = [head, '|' + '---|' * 4 + '---:|' * len(paths) + '---|']
+    for r in results:
+        c, h, w = r['shape']
+        cells = []
+        for p in paths:
+            t = r['times'][p]
+            if isinstance(t, str):
+                cells.append('n/a')
+                continue
+            cell = f'{t * 1e3:.3f}'
+            lit, bn = r['times'].get('literal'), r['times'].get('bn')
+            if p not in ('literal', 'bn') and isinstance(lit, float):
+                cell += f' (x{lit / t:.2f} lit'
+                cell += f', {t / bn:.2f} BN)' if isinstance(bn, float) else ')'
+            cells.append(cell)
+        ran = ', '.join(f'{p}={r["taken"][p]}' for p in paths if p in r['taken'])
+        lines.append(f'| {r["variant"]} | {r["mode"]} | {r["dtype"]} | {r["batch"]} x {c} @ '
+                     f'{h} x {w} | ' + ' | '.join(cells) + f' | {ran} |')
+    errors = {(p, t) for r in results for p, t in r['times'].items() if isinstance(t, str)}
+    lines += [f'- {p} n/a: {t}' for p, t in sorted(errors)]
+    return '\n'.join(lines)
+
+
+def parity(variant: str,
+           mode: str,
+           shape: Tuple[int, int, int],
+           paths: Sequence[str] = ('aten', 'triton'),
+           batch: int = 2,
+           dtype: torch.dtype = torch.float32,
+           device: Union[str, torch.device] = 'cpu',
+           seed: int = 0) -> Dict[str, Union[float, str]]:
+    """Largest error of each fused path against the literal form in fp64 on ``device``.
+
+    The error is the max over the output, the input gradient and every parameter gradient
+    of ``max |got - ref| / max |ref|`` (``ch_wq.bias``, whose exact gradient is 0, left
+    out). Returns path -> error, or the message of the error that stopped the path.
+    """
+    block, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device)
+    ref = copy.deepcopy(block).double()
+    ref.fused = False
+
+    def run(module, xx, gg):
+        xx = xx.detach().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        out = module(xx)
+        out.backward(gg)
+        grads = [p.grad for n, p in module.named_parameters() if n != 'ch_wq.bias']
+        return [out.detach(), xx.grad] + grads
+
+    want = run(ref, x.double(), grad.double())
+    errors: Dict[str, Union[float, str]] = {}
+    for path in paths:
+        try:
+            with fused_backend(path):
+                got = run(block, x, grad)
+            errors[path] = max(
+                ((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+        except (RuntimeError, ValueError) as e:
+            errors[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+    return errors
+
+
+def hrnet_w48_step(psa: bool,
+                   batch: int = 32,
+                   size: Tuple[int, int] = (256, 192),
+                   reps: int = 10,
+                   device: Union[str, torch.device] = 'cuda',
+                   amp_dtype: Optional[torch.dtype] = torch.bfloat16) -> dict:
+    """Median train step (fwd, bwd, SGD) of timm's HRNet-W48 with a 17-map head on its
+    stride-4 features (a top-down pose network), stock or with a PSA in every residual
+    block (:func:`mmpsa.insertion.insert_psa`, default paper parallel).
+
+    Needs timm (not in mmpsa's requirements). Returns ``ms``, ``params``, ``blocks`` (PSAs
+    inserted) and ``ran`` (what the first block ran, :func:`path_taken`).
+    """
+    import timm
+
+    from mmpsa.insertion import insert_psa
+    backbone = timm.create_model(
+        'hrnet_w48', pretrained=False, features_only=True, feature_location='')
+    names = insert_psa(backbone, {}) if psa else []
+    level = backbone.feature_info.reduction().index(4)
+    head = torch.nn.Conv2d(backbone.feature_info.channels()[level], 17, 1)
+    model = torch.nn.ModuleDict(dict(backbone=backbone, head=head)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, *size, device=device)
+    target = torch.randn(batch, 17, size[0] // 4, size[1] // 4, device=device)
+    ran = []
+    if names:
+        model.backbone.get_submodule(names[0]).register_forward_hook(
+            lambda m, args, out: ran.append(path_taken(out)) if not ran else None)
+    device = torch.device(device)
+
+    def step() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = model['head'](model['backbone'](x)[level])
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    times = [step() for _ in range(reps)]
+    return dict(
+        psa=psa,
+        ms=statistics.median(times) * 1e3,
+        params=sum(p.numel() for p in model.parameters()),
+        blocks=len(names),
+        ran=ran[0] if ran else 'stock')
+
+
 def geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -117,7 +357,9 @@ def run_benchmark(configs: Sequence[Tuple[str, str]] = CONFIGS,
                   reps: int = 0,
                   min_time: float = 1.0,
                   threads: Optional[int] = 2,
-                  log: Optional[Callable[[str], None]] = print) -> List[dict]:
+                  log: Optional[Callable[[str], None]] = print,
+                  dtype: torch.dtype = torch.float32,
+                  device: Union[str, torch.device] = 'cpu') -> List[dict]:
     """Run :func:`bench_shape` over ``configs`` x ``shapes``.
 
     Args:
@@ -126,6 +368,7 @@ def run_benchmark(configs: Sequence[Tuple[str, str]] = CONFIGS,
         batch, reps, min_time: See :func:`bench_shape`.
         threads (int, optional): ``torch.set_num_threads``; None leaves it.
         log (callable, optional): Progress output (one line per shape).
+        dtype, device: Of the blocks and inputs. Default: float32, ``'cpu'``.
 
     Returns:
         list[dict]: One result per (config, shape).
@@ -135,7 +378,7 @@ def run_benchmark(configs: Sequence[Tuple[str, str]] = CONFIGS,
     results = []
     for variant, mode in configs:
         for shape in shapes:
-            r = bench_shape(variant, mode, shape, batch, reps, min_time)
+            r = bench_shape(variant, mode, shape, batch, reps, min_time, dtype=dtype, device=device)
             results.append(r)
             if log is not None:
                 log(f'{variant:8s} {mode:10s} C={shape[0]}@{shape[1]}x'

@@ -3,7 +3,7 @@ import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -17,6 +17,16 @@ if not torch.cuda.is_available():
 
 #: ``set_fused_path`` names and the ``MMPSA_BACKEND`` value each sets.
 FUSED_PATHS = {'cpu_kernel': 'cpu', 'aten': 'aten', 'plain': 'plain', 'triton': 'triton'}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second OpenMP thread only adds waiting on a busy machine (test
+    modules that define their own keep theirs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
