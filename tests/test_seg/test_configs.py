@@ -74,7 +74,7 @@ def test_the_issue_configs_exist():
     for mode in ('p', 's'):
         for stem in ('deeplabv3plus_r50-d8', 'deeplabv3plus_r101-d8', 'fcn_hr48', 'ocrnet_hr48'):
             assert f'psa-{mode}_{stem}_4xb2-80k_cityscapes-512x1024.py' in names
-    assert len(OPT_IN) >= 3 and len(TINY) == 4
+    assert len(OPT_IN) >= 3 and len(TINY) == 5
     kinds = ('official_cityscapes-1024x2048', '4xb2-80k_cityscapes-512x1024')
     assert sorted(p.name for p in MSCALE) == sorted(
         f'psa-{mode}_mscale-ocrnet_hr48_{kind}.py' for mode in ('p', 's') for kind in kinds)
