@@ -5,15 +5,15 @@ few reductions of X (the input as a (C, HW) matrix per sample), and the output i
 ``X * (a_ch + a_sp)`` (parallel) or ``X * a_ch * a_sp`` (sequential). Here the passes
 over X are Triton kernels, and the small per-sample vectors (``O(B (C + HW))``) are the
 torch ops of :mod:`~mmpsa.layers.psa_fused` (``_pixel_weights``, ``_channel_map``, ...),
-so both paths share one statement of the maths. Four kernels, each over X in the
+so both paths share one statement of the maths. Three kernels, each over X in the
 ``(B, C, HW)`` view given by strides (contiguous, channels_last, an expanded gradient):
 
 * :func:`_rowdot_kernel`: ``r[b, n] = sum_c v[b, c] x[b, c, n] (y[b, c, n])``;
 * :func:`_colsum_kernel`: ``s[b, c] = sum_n x[b, c, n] (y[b, c, n]) p[b, n]`` (and the
   mean over n), split over pixel chunks whose partial sums torch adds;
-* :func:`_gate_kernel`: the output;
-* :func:`_grad_x_kernel`: ``dX = dOut * M + U V^T`` (``M`` the output's multiplier,
-  ``U`` ``(B, C, 4)``, ``V`` ``(B, HW, 4)``: the reductions' outer products).
+* :func:`_scale_kernel`: the output ``X * M`` (``M`` the output's multiplier) and
+  ``dX = dOut * M + U V^T`` (``U`` ``(B, C, 4)``, ``V`` ``(B, HW, 4)``: the reductions'
+  outer products).
 
 Forward: ``r = w_q^T X``, then ``X p`` and ``GP(X)``, then the spatial logits ``u^T X``,
 then the output (4 passes). Backward: ``dA_ch`` and ``dA_sp`` from ``dOut * X``, then
@@ -121,35 +121,11 @@ def _colsum_kernel(x_ptr, y_ptr, p_ptr, out_ptr, mean_ptr, B, C, N, chunk, sxb, 
 
 
 @triton.jit
-def _gate_kernel(x_ptr, a_ch_ptr, a_sp_ptr, out_ptr, C, N, sxb, sxc, sxn, sob, soc, son,
-                 SEQ: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """``out = x * (a_ch + a_sp)``, or ``x * a_ch * a_sp`` (``SEQ``)."""
-    b = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_c = offs_c < C
-    mask_n = offs_n < N
-    mask = mask_c[:, None] & mask_n[None, :]
-    x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
-    a_ch = tl.load(a_ch_ptr + b * C + offs_c, mask=mask_c, other=0.0)
-    a_sp = tl.load(a_sp_ptr + b * N + offs_n, mask=mask_n, other=0.0)
-    if SEQ:
-        m = a_ch[:, None] * a_sp[None, :]
-    else:
-        m = a_ch[:, None] + a_sp[None, :]
-    out = x * m
-    tl.store(
-        out_ptr + b * sob + offs_c[:, None] * soc + offs_n[None, :] * son,
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask)
-
-
-@triton.jit
-def _grad_x_kernel(g_ptr, a_ch_ptr, a_sp_ptr, u_ptr, v_ptr, dx_ptr, C, N, sgb, sgc, sgn, sdb, sdc,
-                   sdn, SEQ: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``dx = g * M + sum_k u[b, c, k] v[b, n, k]`` with ``M`` as in :func:`_gate_kernel`."""
+def _scale_kernel(g_ptr, a_ch_ptr, a_sp_ptr, u_ptr, v_ptr, dx_ptr, C, N, sgb, sgc, sgn, sdb, sdc,
+                  sdn, SEQ: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """``dx = g * M + sum_k u[b, c, k] v[b, n, k]``, ``M = a_ch + a_sp`` (or ``a_ch * a_sp``,
+    ``SEQ``): the output (``g = x``, ``K = 0``) and the input gradient (``g = dOut``)."""
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -288,46 +264,32 @@ def _grid3(b: int, c: int, n: int) -> Tuple[int, int, int]:
 def gate(x: Tensor, a_ch: Tensor, a_sp: Tensor, seq: bool) -> Tensor:
     """The output ``x * (a_ch + a_sp)`` or ``x * a_ch * a_sp`` (``a_ch`` ``(B, C)``,
     ``a_sp`` ``(B, HW)``, both in the accumulation dtype), laid out like ``x``."""
-    b, c, h, w = x.shape
-    x, sx = _bcn(x)
-    out = _new_like(x)
-    _, so = _bcn(out)
-    _gate_kernel[_grid3(b, c, h * w)](
-        x,
-        a_ch,
-        a_sp,
-        out,
-        c,
-        h * w,
-        *sx,
-        *so,
-        SEQ=seq,
-        ACC=_TL_ACC[a_ch.dtype],
-        BLOCK_C=_BLOCK_C,
-        BLOCK_N=_BLOCK_N)
-    return out
+    return grad_x(x, x, a_ch, a_sp, None, None, seq)
 
 
-def grad_x(g: Tensor, x: Tensor, a_ch: Tensor, a_sp: Tensor, u: Tensor, v: Tensor,
-           seq: bool) -> Tensor:
-    """``dX = g * M + U V^T`` (:func:`_grad_x_kernel`), laid out like ``x``."""
+def grad_x(g: Tensor, x: Tensor, a_ch: Tensor, a_sp: Tensor, u: Optional[Tensor],
+           v: Optional[Tensor], seq: bool) -> Tensor:
+    """``dX = g * M + U V^T`` (:func:`_scale_kernel`; no ``U V^T`` when ``u`` is None), laid
+    out like ``x``."""
     b, c, h, w = g.shape
     g, sg = _bcn(g)
     dx = _new_like(x)
     _, sd = _bcn(dx)
-    _grad_x_kernel[_grid3(b, c, h * w)](
+    k = 0 if u is None else u.shape[-1]
+    u, v = (g, g) if u is None else (u.contiguous(), v.contiguous())
+    _scale_kernel[_grid3(b, c, h * w)](
         g,
         a_ch,
         a_sp,
-        u.contiguous(),
-        v.contiguous(),
+        u,
+        v,
         dx,
         c,
         h * w,
         *sg,
         *sd,
         SEQ=seq,
-        K=u.shape[-1],
+        K=k,
         ACC=_TL_ACC[a_ch.dtype],
         BLOCK_C=_BLOCK_C,
         BLOCK_N=_BLOCK_N)
