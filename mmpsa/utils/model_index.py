@@ -203,6 +203,17 @@ def build_metafiles(json_files: Iterable[str],
     return metafiles
 
 
+def metafile_metadata(name: str) -> Optional[dict]:
+    """The ``Metadata`` of a model in mmpsa's metafiles, or None."""
+    for key in COLLECTIONS:
+        path = configs_root() / key / 'metafile.yml'
+        if path.is_file():
+            for model in (yaml.safe_load(path.read_text()) or {}).get('Models', []):
+                if model['Name'] == name:
+                    return model.get('Metadata', {})
+    return None
+
+
 def update_models(updates: Dict[str, dict]) -> List[str]:
     """Write published entries into the metafiles (``tools/reproduce.py TABLE publish``).
 

@@ -509,17 +509,36 @@ def peak_memory_mb(run: Run) -> Optional[float]:
     return peak
 
 
-def complexity_of(run: Run) -> Dict[str, int]:
-    """Params and (fused) FLOPs of a run's model, measured once and kept in the run dir."""
+def complexity_of(run: Run, stock: Optional[Run]) -> Dict[str, Any]:
+    """Params and (fused) FLOPs of a row's PSA model, and its stock twin's params.
+
+    From the PSA config's entry in mmpsa's metafiles where it has one (a test keeps those equal
+    to the models'; full-size models take minutes to analyse on a CPU), else measured with
+    :func:`mmpsa.apis.complexity.measure` once and kept in the run dir.
+    """
+    from .model_index import metafile_metadata
+    md = metafile_metadata(run.name)
+    if md is not None:
+        return {
+            'params': round(md['Parameters (M)'] * 1e6),
+            'flops': round(md['FLOPs fused (G)'] * 1e9),
+            'input': [int(side) for side in md['Input'].split('x')],
+            'stock_params': round(md['Stock Parameters (M)'] * 1e6),
+        }
     cache = run.work_dir / 'complexity.json'
     if cache.is_file():
         return json.loads(cache.read_text())
     from mmpsa.apis.complexity import measure
-    cfg = Config.fromfile(config_file(run.config))
     with warnings.catch_warnings():  # the model builders' deprecation notes
         warnings.simplefilter('ignore')
-        cost = measure(cfg)
-    record = {'params': cost.params, 'flops': cost.flops, 'input': list(cost.input_shape[1:])}
+        cost = measure(Config.fromfile(config_file(run.config)))
+        stock_cost = measure(Config.fromfile(config_file(stock.config))) if stock else None
+    record = {
+        'params': cost.params,
+        'flops': cost.flops,
+        'input': list(cost.input_shape[1:]),
+        'stock_params': stock_cost.params if stock_cost else None,
+    }
     run.work_dir.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record))
     return record
@@ -578,7 +597,7 @@ def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
         stock = runs[config_name(row.stock)] if row.stock else None
         psa_state, psa_value = _metric(psa, row)
         stock_state, stock_value = _metric(stock, row)
-        cost = complexity_of(psa)
+        cost = complexity_of(psa, stock)
         logs = _train_logs(psa)
         records.append({
             'config':
@@ -594,7 +613,7 @@ def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
             'input':
             cost['input'],
             'stock_params':
-            complexity_of(stock)['params'] if stock else None,
+            cost['stock_params'],
             'psa':
             psa_value,
             'psa_state':
@@ -642,10 +661,12 @@ def format_table(table: Table, records: List[Dict[str, Any]], base: Optional[Pat
         '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|',
     ]
     for r in records:
-        stock_params = _cell(r['stock_params'] and r['stock_params'] / 1e6, 'n/a', '{:.3f}')
+        digits = '{:.2f}' if r['params'] >= 1e7 else '{:.3f}'  # the metafiles' precision
+        stock_params = _cell(r['stock_params'] and r['stock_params'] / 1e6, 'n/a', digits)
         lines.append(' | '.join([
-            f'| {r["config"]}', 'x'.join(map(str, r['input'])),
-            f'{r["params"] / 1e6:.3f} / {stock_params}', f'{r["flops"] / 1e9:.3f}', r['metric'],
+            f'| {r["config"]}', 'x'.join(map(
+                str, r['input'])), f'{digits.format(r["params"] / 1e6)} / {stock_params}',
+            f'{r["flops"] / 1e9:.4g}', r['metric'],
             _cell(r['stock'], r['stock_state'], '{:.2f}'),
             _cell(r['psa'], r['psa_state'], '{:.2f}'),
             _cell(r['delta'], 'n/a', '{:+.2f}'),
