@@ -76,8 +76,8 @@ def test_the_issue_configs_exist():
             assert f'psa-{mode}_{stem}_4xb2-80k_cityscapes-512x1024.py' in names
     assert len(OPT_IN) >= 3 and len(TINY) == 5
     kinds = ('official_cityscapes-1024x2048', '4xb2-80k_cityscapes-512x1024')
-    assert sorted(p.name for p in MSCALE) == sorted(
-        f'psa-{mode}_mscale-ocrnet_hr48_{kind}.py' for mode in ('p', 's') for kind in kinds)
+    assert sorted(p.name for p in MSCALE) == sorted(f'psa-{mode}_mscale-ocrnet_hr48_{kind}.py'
+                                                    for mode in ('p', 's') for kind in kinds)
 
 
 @pytest.mark.parametrize('path', ALL, ids=_ids(ALL))
@@ -187,12 +187,14 @@ def test_mscale_model_has_the_released_networks_size(mode, params):
     assert round((params + 720 + 512) / 1e6, 2) == {'parallel': 78.50, 'sequential': 77.53}[mode]
 
 
-@pytest.mark.parametrize('path', [p for p in TINY if p.name.startswith('psa-')],
-                         ids=_ids([p for p in TINY if p.name.startswith('psa-')]))
+@pytest.mark.parametrize(
+    'path', [p for p in TINY if p.name.startswith('psa-')],
+    ids=_ids([p for p in TINY if p.name.startswith('psa-')]))
 def test_tiny_psa_config_is_tiny_stock_plus_the_psa_line(path):
     cfg, base = Config.fromfile(str(path)), _load_base(path)
-    assert sorted(_diff(cfg.to_dict(), base.to_dict())) == [
-        'custom_imports', 'model.backbone.psa', 'model.backbone.type']
+    assert sorted(
+        _diff(cfg.to_dict(),
+              base.to_dict())) == ['custom_imports', 'model.backbone.psa', 'model.backbone.type']
     # CPU-ready: plain BN, nothing to download, no worker processes
     assert base.model.pretrained is None and base.model.backbone.init_cfg is None
     assert 'SyncBN' not in repr(cfg.model)
@@ -200,14 +202,17 @@ def test_tiny_psa_config_is_tiny_stock_plus_the_psa_line(path):
         assert cfg[loader].num_workers == 0 and cfg[loader].persistent_workers is False
 
 
-@pytest.mark.parametrize('name, expected_psa', [
-    ('psa_deeplabv3plus/psa-s_deeplabv3plus-psahead_r50-d8_4xb2-80k_cityscapes-512x1024.py',
-     16 + 1),  # 3 + 4 + 6 + 3 Bottlenecks, plus the head's
-    ('psa_hrnet/psa-p_fcn-psaneck_hr48_4xb2-80k_cityscapes-512x1024.py',
-     8 + 48 + 48 + 4),  # BasicBlocks of stages 2-4, plus one per neck level
-    ('psa_ocrnet/psa-p_ocrnet-psahead_hr48_4xb2-80k_cityscapes-512x1024.py', 8 + 48 + 48 + 1),
-    ('psa_mscale_ocrnet/psa-s_mscale-ocrnet_hr48_official_cityscapes-1024x2048.py', 8 + 48 + 48),
-])
+@pytest.mark.parametrize(
+    'name, expected_psa',
+    [
+        ('psa_deeplabv3plus/psa-s_deeplabv3plus-psahead_r50-d8_4xb2-80k_cityscapes-512x1024.py',
+         16 + 1),  # 3 + 4 + 6 + 3 Bottlenecks, plus the head's
+        ('psa_hrnet/psa-p_fcn-psaneck_hr48_4xb2-80k_cityscapes-512x1024.py',
+         8 + 48 + 48 + 4),  # BasicBlocks of stages 2-4, plus one per neck level
+        ('psa_ocrnet/psa-p_ocrnet-psahead_hr48_4xb2-80k_cityscapes-512x1024.py', 8 + 48 + 48 + 1),
+        ('psa_mscale_ocrnet/psa-s_mscale-ocrnet_hr48_official_cityscapes-1024x2048.py',
+         8 + 48 + 48),
+    ])
 def test_one_model_per_family_builds(name, expected_psa):
     cfg = Config.fromfile(str(CONFIGS / name))
     model = MODELS.build(cfg.model)  # SyncBN builds on CPU; no forward at 512x1024 here
@@ -232,16 +237,16 @@ def test_input_size_comes_from_the_config():
 
 
 def test_strip_psa_gives_the_stock_model():
-    cfg = Config.fromfile(str(CONFIGS / 'psa_hrnet' /
-                              'psa-p_fcn-psaneck_hr48_4xb2-80k_cityscapes-512x1024.py'))
+    cfg = Config.fromfile(
+        str(CONFIGS / 'psa_hrnet' / 'psa-p_fcn-psaneck_hr48_4xb2-80k_cityscapes-512x1024.py'))
     stripped = strip_psa(cfg.model)
     assert stripped['neck'] is None and stripped['backbone']['psa'] is None
     assert cfg.model.neck.type == 'PSANeck'  # the input is left alone
 
 
 TINY_HR = CONFIGS / 'tiny' / 'psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
-TINY_DL = (CONFIGS / 'tiny' /
-           'psa-p_deeplabv3plus_r18-tiny-d8_1xb4-100iter_tiny-cityscapes-64x128.py')
+TINY_DL = (
+    CONFIGS / 'tiny' / 'psa-p_deeplabv3plus_r18-tiny-d8_1xb4-100iter_tiny-cityscapes-64x128.py')
 
 
 def _psa_params(model_cfg) -> int:
@@ -260,15 +265,19 @@ def _params_without_aux(model_cfg) -> int:
 def test_complexity_tool_hrnet_and_deeplabv3plus(capsys, monkeypatch, tmp_path):
     """The CLI on the tiny FCN-HRNet and DeepLabV3+ configs, at their own crop size."""
     records = tmp_path / 'complexity.json'
-    monkeypatch.setattr(sys, 'argv', ['complexity.py', str(TINY_HR), str(TINY_DL),
-                                      '--json', str(records)])
+    monkeypatch.setattr(
+        sys, 'argv',
+        ['complexity.py', str(TINY_HR),
+         str(TINY_DL), '--json',
+         str(records)])
     runpy.run_path(str(REPO / 'tools' / 'complexity.py'), run_name='__main__')
     out = capsys.readouterr().out
     rows = json.loads(records.read_text())
     assert [r['config'] for r in rows] == [str(TINY_HR), str(TINY_DL)]
     for path, row in zip((TINY_HR, TINY_DL), rows):
-        assert len([line for line in out.splitlines()
-                    if line.startswith(f'| {path.stem} | 64x128 |')]) == 1
+        assert len([
+            line for line in out.splitlines() if line.startswith(f'| {path.stem} | 64x128 |')
+        ]) == 1
         assert row['psa']['input_shape'] == [3, 64, 128]
         cfg = Config.fromfile(str(path))
         # PSA − stock is exactly the blocks' parameters; stock is the stock tiny config's model
@@ -284,18 +293,31 @@ def test_complexity_ocr_family_fused_and_literal():
     channels = [8, 16, 32, 64]
     cfg.model.type = 'CascadeEncoderDecoder'
     cfg.model.num_stages = 2
-    head = dict(in_channels=channels, in_index=(0, 1, 2, 3), input_transform='resize_concat',
-                num_classes=19, norm_cfg=dict(type='BN'), align_corners=False)
+    head = dict(
+        in_channels=channels,
+        in_index=(0, 1, 2, 3),
+        input_transform='resize_concat',
+        num_classes=19,
+        norm_cfg=dict(type='BN'),
+        align_corners=False)
     cfg.model.decode_head = [
-        dict(type='FCNHead', channels=sum(channels), kernel_size=1, num_convs=1,
-             concat_input=False, **head),
-        dict(type='PSAOCRHead', channels=32, ocr_channels=16,
-             psa=dict(mode='sequential', variant='official'), **head),
+        dict(
+            type='FCNHead',
+            channels=sum(channels),
+            kernel_size=1,
+            num_convs=1,
+            concat_input=False,
+            **head),
+        dict(
+            type='PSAOCRHead',
+            channels=32,
+            ocr_channels=16,
+            psa=dict(mode='sequential', variant='official'),
+            **head),
     ]
     fused, literal = compare(cfg), compare(cfg, literal=True)
     assert fused.extra_params == literal.extra_params == _psa_params(cfg.model)
-    assert (fused.stock.params, fused.stock.flops) == (literal.stock.params,
-                                                       literal.stock.flops)
+    assert (fused.stock.params, fused.stock.flops) == (literal.stock.params, literal.stock.flops)
     assert 0 < fused.extra_flops < literal.extra_flops  # the fused evaluation saves work
     stock = copy.deepcopy(cfg.model)
     stock.backbone.type, stock.decode_head[1].type = 'HRNet', 'OCRHead'
