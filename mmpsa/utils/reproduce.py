@@ -367,8 +367,8 @@ def state(run: Run) -> str:
         return FAILED if (run.work_dir / 'test.failed').is_file() else TRAINED
     if (run.work_dir / 'train.failed').is_file():
         return FAILED
-    if (run.work_dir / 'last_checkpoint').is_file():
-        return UNFINISHED
+    if (run.work_dir / 'last_checkpoint').is_file() or _train_logs(run):
+        return UNFINISHED  # killed, or still running
     return NOT_STARTED
 
 
