@@ -31,7 +31,7 @@ class _LossRecorder(Hook):
         self.losses: List[float] = []
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        self.losses.append(float(outputs['loss']))
+        self.losses.append(float(outputs['loss'].detach()))
 
 
 def train_losses(cfg: Config,
