@@ -452,9 +452,9 @@ def _train_and_test(run: Run, opts: LaunchOptions, head: str, echo: Callable[[st
         (run.work_dir / 'test.failed').write_text(f'exit status {rc}\n')
         echo(f'{head}: testing FAILED (exit status {rc}; see {run.work_dir / "test.log.txt"})')
         return FAILED
-    echo(f'{head}: tested {osp.basename(checkpoint)}: ' +
-         ', '.join(f'{k} {v}'
-                   for k, v in results.items() if k not in ('time', 'data_time', 'step')))
+    shown = [(k, v) for k, v in results.items() if isinstance(v, (int, float)) and k != 'step']
+    echo(f'{head}: tested {osp.basename(checkpoint)}: ' + ', '.join(f'{k} {v:.4g}'
+                                                                    for k, v in shown[:3]))
     return FINISHED
 
 
