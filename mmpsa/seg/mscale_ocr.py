@@ -27,6 +27,8 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, SampleList, add_prefix
 from torch import Tensor
 
+from ..checkpoint import CheckpointMismatchError
+
 TRAIN_CFG_KEYS = ('scales', 'scale_loss_weight')
 DEFAULT_TRAIN_SCALES = (0.5, 1.0)
 
@@ -148,10 +150,6 @@ class MscaleOCRHead(OCRHead):
         """
         object_context = self.object_context(inputs, prev_output)
         return self.cls_seg(object_context), self.scale_attn(object_context)
-
-
-class CheckpointMismatchError(ValueError):
-    """A state dict whose keys or shapes do not fit the model it is loaded into."""
 
 
 @MODELS.register_module()

@@ -729,13 +729,15 @@ def test_registered_once_builds_from_both_scopes():
 
 
 def test_mmseg_resnet50_plugin():
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS as SEG
-    backbone = SEG.build(
-        dict(
-            type='ResNetV1c',
-            depth=50,
-            init_cfg=None,
-            plugins=[dict(cfg=dict(type='PolarizedSelfAttention'), position='after_conv2')]))
+    with DefaultScope.overwrite_default_scope('mmseg'):  # whatever scope earlier tests left
+        backbone = SEG.build(
+            dict(
+                type='ResNetV1c',
+                depth=50,
+                init_cfg=None,
+                plugins=[dict(cfg=dict(type='PolarizedSelfAttention'), position='after_conv2')]))
     keys = backbone.state_dict().keys()
     assert 'layer1.0.psa.ch_wv.weight' in keys
     assert 'layer4.2.psa.sp_wq.bias' in keys
