@@ -17,7 +17,7 @@ lint: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) tools/benchmark_psa.py
