@@ -18,13 +18,7 @@ PSA_ARGS = [
 ]
 PSA_IDS = [f"{a['mode']}-{a['variant']}" for a in PSA_ARGS]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _features(levels=LEVELS, batch=2, seed=0):

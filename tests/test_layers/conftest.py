@@ -21,8 +21,7 @@ FUSED_PATHS = {'cpu_kernel': 'cpu', 'aten': 'aten', 'plain': 'plain', 'triton': 
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tiny tensors: a second OpenMP thread only adds waiting on a busy machine (test
-    modules that define their own keep theirs)."""
+    """Tiny tensors: a second OpenMP thread only adds waiting on a busy machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

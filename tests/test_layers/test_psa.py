@@ -17,15 +17,6 @@ ALL = [(v, m) for v in VARIANTS for m in MODES]
 C = 32  # official sequential: LayerNorm over C // 8 = 4 channels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a second OpenMP thread only adds waiting on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(variant, mode, c=C, dtype=torch.float32, seed=0, perturb=0.0, **kw):
     """A block; ``perturb`` adds N(0, perturb^2) noise to every parameter (a non-trivial
     LayerNorm affine, no gradient trivially zero)."""

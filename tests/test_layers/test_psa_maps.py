@@ -16,14 +16,6 @@ C = 32  # official sequential: LayerNorm over C // 8 = 4 channels
 PATHS = ('literal', 'plain', 'aten', 'cpu_kernel')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(variant, mode, dtype=torch.float32, seed=0, fused=True):
     torch.manual_seed(seed)
     return PolarizedSelfAttention(C, mode=mode, variant=variant, fused=fused).to(dtype)
