@@ -263,10 +263,10 @@ def backend() -> str:
     """The fused evaluation path asked for by the environment variable ``MMPSA_BACKEND``.
 
     ``auto`` (the default): the Triton kernels for CUDA tensors (paper variant and official
-    PSA_p, when triton is importable), else the compiled Function (its CPU kernel where
-    it applies, its ATen path elsewhere), else plain ops; ``triton``, ``cpu`` (the compiled
-    Function, CPU tensors), ``aten`` (its ATen path) and ``plain`` force one path and
-    raise where it cannot run. Read on every fused forward, here only.
+    PSA_p, when triton is importable and ``psa_triton.unsupported`` finds nothing), else
+    the compiled Function (its CPU kernel where it applies, its ATen path elsewhere), else
+    plain ops; ``triton``, ``cpu`` (the compiled Function, CPU tensors), ``aten`` (its ATen
+    path) and ``plain`` force one path and raise where it cannot run. Read on every fused forward, here only.
 
     Returns:
         str: One of :data:`BACKENDS`.
@@ -293,22 +293,21 @@ def triton_module():
 
 def _use_triton(x: Tensor, paper: bool, seq: bool, forced: bool) -> bool:
     """Whether the Triton kernels evaluate ``x``; ``forced``: raise where they cannot."""
-    if forced or x.is_cuda:
-        supported = paper or not seq
-        kernels = triton_module() if supported else None
-        if kernels is not None and (x.is_cuda or kernels.INTERPRET):
-            return True
-        if not forced:
-            return False
-        if not supported:
-            raise RuntimeError('MMPSA_BACKEND=triton: the official sequential variant (PSA_s) '
-                               'has no Triton kernels; use MMPSA_BACKEND=auto or aten')
-        if kernels is None:
+    if not (forced or x.is_cuda):
+        return False
+    kernels = triton_module()
+    if kernels is None:
+        if forced:
             raise RuntimeError('MMPSA_BACKEND=triton, but triton is not importable')
-        raise RuntimeError(f'MMPSA_BACKEND=triton on a {x.device.type} tensor: the Triton '
-                           'kernels run CPU tensors only under TRITON_INTERPRET=1, set before '
-                           'mmpsa.layers.psa_triton is imported')
-    return False
+        return False
+    reason = kernels.unsupported(x, paper, seq)
+    if reason is None and not (x.is_cuda or kernels.INTERPRET):
+        reason = (f'the Triton kernels run CUDA tensors, and CPU tensors only under '
+                  f'TRITON_INTERPRET=1 (set before mmpsa.layers.psa_triton is imported); '
+                  f'got a {x.device.type} tensor')
+    if reason is not None and forced:
+        raise RuntimeError(f'MMPSA_BACKEND=triton: {reason}; use MMPSA_BACKEND=auto or aten')
+    return reason is None
 
 
 def fused_forward(block, x: Tensor) -> Tensor:

@@ -4,28 +4,37 @@ The maths is :mod:`mmpsa.layers.psa_fused`'s: every attention map is a function 
 few reductions of X (the input as a (C, HW) matrix per sample), and the output is
 ``X * (a_ch + a_sp)`` (parallel) or ``X * a_ch * a_sp`` (sequential). Here the passes
 over X are Triton kernels, and the small per-sample vectors (``O(B (C + HW))``) are the
-torch ops of :mod:`~mmpsa.layers.psa_fused` (``_pixel_weights``, ``_channel_map``, ...),
-so both paths share one statement of the maths. Three kernels, each over X in the
-``(B, C, HW)`` view given by strides (contiguous, channels_last, an expanded gradient):
+torch ops of :mod:`~mmpsa.layers.psa_fused` (``_channel_map``, ``_spatial_query``, ...),
+so both paths share one statement of the maths.
 
-* :func:`_rowdot_kernel`: ``r[b, n] = sum_c v[b, c] x[b, c, n] (y[b, c, n])``;
-* :func:`_colsum_kernel`: ``s[b, c] = sum_n x[b, c, n] (y[b, c, n]) p[b, n]`` (and the
-  mean over n), split over pixel chunks whose partial sums torch adds;
-* :func:`_scale_kernel`: the output ``X * M`` (``M`` the output's multiplier) and
-  ``dX = dOut * M + U V^T`` (``U`` ``(B, C, 4)``, ``V`` ``(B, HW, 4)``: the reductions'
-  outer products).
+Each kernel program owns one sample and a run of pixels, and loads a tile of every
+channel of ``BLOCK_N`` pixels at a time (``BLOCK_C`` = C rounded up to a power of two),
+so a per-pixel reduction over the channels and a per-channel one over the pixels come
+from the same load. The passes over X (and dOut), each one read:
 
-Forward: ``r = w_q^T X``, then ``X p`` and ``GP(X)``, then the spatial logits ``u^T X``,
-then the output (4 passes). Backward: ``dA_ch`` and ``dA_sp`` from ``dOut * X``, then
-``X dlg`` and ``dxp^T X``, then ``X dr`` and dX (6 passes, two of them reading dOut).
-Everything is accumulated in ``promote(dtype, float32)`` (fp64 stays fp64); no
-``tl.dot`` is used (the interpreter's bf16 ``tl.dot`` is wrong).
+* forward, :func:`_pool_kernel`: ``r = w_q^T X`` per pixel, and per channel ``GP(X)``
+  and ``X p`` with ``p = softmax(r)`` by an online softmax (a running maximum and
+  normaliser per program, merged in torch);
+* forward, :func:`_spatial_kernel`: the spatial logits ``u^T X`` and then, for the paper
+  variant, ``a_sp`` and the output in the same pass; official PSA_p's softmax over the
+  pixels needs every logit first, so it writes the logits and a third pass writes the
+  output (2 passes for the paper variant, 3 for PSA_p);
+* backward, :func:`_grad_pool_kernel` on (dOut, X): ``dA_ch`` (over the pixels),
+  ``dA_sp`` (over the channels) and, from it, ``X dlg`` (the logits' gradient), where
+  PSA_p's softmax gradient splits into two pixel sums merged in torch;
+* backward, :func:`_grad_input_kernel` on (dOut, X): ``dp = dxp^T X`` and ``dr`` per
+  pixel (the softmax's normaliser term is ``dxp . X p``, known), ``X dr`` for ``w_q``'s
+  gradient, and ``dX = dOut * M + w_q dr^T + dxp p^T + dg 1^T / HW + u dlg^T``.
+
+Besides the input, forward keeps ``r``, ``a_sp`` (PSA_p: also the softmax) and the
+per-sample vectors. Everything is accumulated in ``promote(dtype, float32)`` (fp64 stays
+fp64); no ``tl.dot`` is used (the interpreter's bf16 ``tl.dot`` is wrong).
 
 CUDA tensors run compiled kernels. ``TRITON_INTERPRET=1``, set before this module is
 imported and left set (triton reads it when the kernels are decorated and when they run),
 runs them on CPU tensors through triton's interpreter: that is how the tests check them on
 CPU (:data:`INTERPRET`). Offsets are int32: a tensor of 2^31 elements or more is not
-supported.
+supported, nor more than :data:`MAX_CHANNELS` channels (a tile holds every channel).
 """
 import contextlib
 import os
@@ -36,17 +45,23 @@ import triton
 import triton.language as tl
 
 from .precision import acc_dtype, no_autocast
-from .psa_fused import (PSAParams, _channel_map, _for_hooks, _pixel_weights, _spatial_map,
-                        _spatial_query, _spatial_vector)
+from .psa_fused import PSAParams, _channel_map, _for_hooks, _spatial_query, _spatial_vector
 
 Tensor = torch.Tensor
 
 #: Whether the kernels were decorated for triton's interpreter (they then run CPU tensors).
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
-_BLOCK_C = 32
-_BLOCK_N = 128
-_TARGET_PROGRAMS = 512  # colsum: split HW into chunks until about this many programs
+#: The most channels a block may have here: a tile holds every channel of its pixels.
+MAX_CHANNELS = 8192
+_TILE = 8192  # elements of a (BLOCK_C, BLOCK_N) tile
+_MAX_BLOCK_N = 128
+_TARGET_PROGRAMS = 1024  # split each sample's pixels into runs until about this many programs
+
+# _spatial_kernel: what it does with the logits u^T X
+_LOGITS = 0  # write them (official PSA_p, before its softmax over the pixels)
+_SIGMOID = 1  # a_sp = sigmoid(logits + bias), write a_sp and the output (paper variant)
+_GIVEN = 2  # read a_sp, write the output (official PSA_p, after the softmax)
 
 
 @triton.jit
@@ -57,96 +72,195 @@ def _tile(ptr, b, sb, sc, sn, offs_c, offs_n, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _xy_tile(x_ptr, y_ptr, b, sxb, sxc, sxn, syb, syc, syn, offs_c, offs_n, mask,
-             HAS_Y: tl.constexpr, ACC: tl.constexpr):
-    """The tile of ``x``, times that of ``y`` with ``HAS_Y``."""
-    t = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
-    if HAS_Y:
-        t = t * _tile(y_ptr, b, syb, syc, syn, offs_c, offs_n, mask, ACC)
-    return t
+def _channels(ptr, offs_c, mask_c, ACC: tl.constexpr):
+    """A ``(BLOCK_C, )`` vector (masked channels 0), as ``ACC``."""
+    return tl.load(ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
 
 
 @triton.jit
-def _rowdot_kernel(x_ptr, y_ptr, v_ptr, out_ptr, C, N, sxb, sxc, sxn, syb, syc, syn, svb,
-                   HAS_Y: tl.constexpr, HAS_V: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``out[b, n] = sum_c v[b, c] x[b, c, n] y[b, c, n]`` (``v``, ``y`` optional)."""
-    b = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, ), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        mask = mask_c[:, None] & mask_n[None, :]
-        t = _xy_tile(x_ptr, y_ptr, b, sxb, sxc, sxn, syb, syc, syn, offs_c, offs_n, mask, HAS_Y,
-                     ACC)
-        if HAS_V:
-            v = tl.load(v_ptr + b * svb + offs_c, mask=mask_c, other=0.0).to(ACC)
-            t = t * v[:, None]
-        acc += tl.sum(t, axis=0)
-    tl.store(out_ptr + b * N + offs_n, acc, mask=mask_n)
+def _pixels(ptr, offs_n, mask_n, ACC: tl.constexpr):
+    """A ``(BLOCK_N, )`` vector (masked pixels 0), as ``ACC``."""
+    return tl.load(ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
 
 
 @triton.jit
-def _colsum_kernel(x_ptr, y_ptr, p_ptr, out_ptr, mean_ptr, B, C, N, chunk, sxb, sxc, sxn, syb, syc,
-                   syn, inv_n, HAS_Y: tl.constexpr, HAS_P: tl.constexpr, HAS_MEAN: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Partial sums over the pixels ``[k chunk, (k + 1) chunk)`` (``k`` = program 2):
-    ``out[k, b, c] = sum_n x[b, c, n] y[b, c, n] p[b, n]`` (``y``, ``p`` optional) and
-    ``mean[k, b, c] = sum_n x y / N``."""
+def _pool_kernel(x_ptr, wq_ptr, r_ptr, m_ptr, den_ptr, xe_ptr, xs_ptr, B, C, N, run, sxb, sxc, sxn,
+                 ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Over the pixels ``[k run, (k + 1) run)`` of sample ``b`` (programs ``(b, k)``):
+    ``r[b, n] = w_q^T x[b, :, n]``; the running maximum ``m[k, b]`` of ``r``, ``den[k, b] =
+    sum_n exp(r - m)``, ``xe[k, b, c] = sum_n x exp(r - m)`` and ``xs[k, b, c] = sum_n x``."""
     b = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.program_id(2)
+    k = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_C, ), dtype=ACC)
-    acc_mean = tl.zeros((BLOCK_C, ), dtype=ACC)
-    n_end = tl.minimum(N, (k + 1) * chunk)
-    for n0 in range(k * chunk, n_end, BLOCK_N):
+    wq = _channels(wq_ptr, offs_c, mask_c, ACC)
+    m = tl.full([], float('-inf'), ACC)
+    den = tl.zeros([], ACC)
+    xe = tl.zeros((BLOCK_C, ), ACC)
+    xs = tl.zeros((BLOCK_C, ), ACC)
+    n_end = tl.minimum(N, (k + 1) * run)
+    for n0 in range(k * run, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask_c[:, None] & mask_n[None, :], ACC)
+        r = tl.sum(x * wq[:, None], axis=0)
+        tl.store(r_ptr + b * N + offs_n, r, mask=mask_n)
+        xs += tl.sum(x, axis=1)
+        m_new = tl.maximum(m, tl.max(tl.where(mask_n, r, float('-inf')), axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.where(mask_n, tl.exp(r - m_new), 0.0)
+        den = den * alpha + tl.sum(e, axis=0)
+        xe = xe * alpha + tl.sum(x * e[None, :], axis=1)
+        m = m_new
+    tl.store(m_ptr + k * B + b, m)
+    tl.store(den_ptr + k * B + b, den)
+    out = (k * B + b) * C + offs_c
+    tl.store(xe_ptr + out, xe, mask=mask_c)
+    tl.store(xs_ptr + out, xs, mask=mask_c)
+
+
+@triton.jit
+def _spatial_kernel(x_ptr, u_ptr, bias_ptr, a_ch_ptr, a_sp_ptr, out_ptr, C, N, run, sxb, sxc, sxn,
+                    sob, soc, son, SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr, SEQ: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The spatial map and the output over a run of pixels. ``SPATIAL``: ``_LOGITS``
+    writes ``u^T x`` to ``a_sp``; ``_SIGMOID`` writes ``a_sp = sigmoid(u^T x + bias[b])``
+    and the output; ``_GIVEN`` reads ``a_sp`` and writes the output ``x * (a_ch + a_sp)``
+    (``x * a_ch * a_sp`` with ``SEQ``)."""
+    b = tl.program_id(0)
+    k = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if SPATIAL != 2:
+        u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
+    if SPATIAL != 0:
+        a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b).to(ACC)
+    n_end = tl.minimum(N, (k + 1) * run)
+    for n0 in range(k * run, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         mask = mask_c[:, None] & mask_n[None, :]
-        t = _xy_tile(x_ptr, y_ptr, b, sxb, sxc, sxn, syb, syc, syn, offs_c, offs_n, mask, HAS_Y,
-                     ACC)
-        if HAS_MEAN:
-            acc_mean += tl.sum(t, axis=1)
-        if HAS_P:
-            p = tl.load(p_ptr + b * N + offs_n, mask=mask_n, other=0.0).to(ACC)
-            t = t * p[None, :]
-        acc += tl.sum(t, axis=1)
-    out = (k * B + b) * C + offs_c
-    tl.store(out_ptr + out, acc, mask=mask_c)
-    if HAS_MEAN:
-        tl.store(mean_ptr + out, acc_mean * inv_n, mask=mask_c)
+        x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
+        if SPATIAL == 2:
+            a_sp = _pixels(a_sp_ptr + b * N, offs_n, mask_n, ACC)
+        else:
+            lg = tl.sum(x * u[:, None], axis=0)
+            if SPATIAL == 0:
+                tl.store(a_sp_ptr + b * N + offs_n, lg, mask=mask_n)
+            else:
+                if HAS_BIAS:
+                    lg += bias
+                a_sp = 1.0 / (1.0 + tl.exp(-lg))
+                tl.store(a_sp_ptr + b * N + offs_n, a_sp, mask=mask_n)
+        if SPATIAL != 0:
+            if SEQ:
+                out = x * (a_ch[:, None] * a_sp[None, :])
+            else:
+                out = x * (a_ch[:, None] + a_sp[None, :])
+            tl.store(
+                out_ptr + b * sob + offs_c[:, None] * soc + offs_n[None, :] * son,
+                out.to(out_ptr.dtype.element_ty),
+                mask=mask)
 
 
 @triton.jit
-def _scale_kernel(g_ptr, a_ch_ptr, a_sp_ptr, u_ptr, v_ptr, dx_ptr, C, N, sgb, sgc, sgn, sdb, sdc,
-                  sdn, SEQ: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """``dx = g * M + sum_k u[b, c, k] v[b, n, k]``, ``M = a_ch + a_sp`` (or ``a_ch * a_sp``,
-    ``SEQ``): the output (``g = x``, ``K = 0``) and the input gradient (``g = dOut``)."""
+def _grad_pool_kernel(g_ptr, x_ptr, a_ch_ptr, a_sp_ptr, k1_ptr, sm_ptr, dsp_ptr, dach_ptr, p1_ptr,
+                      p2_ptr, B, C, N, run, sgb, sgc, sgn, sxb, sxc, sxn, SEQ: tl.constexpr,
+                      HAS_SM: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Backward's first pass over (dOut ``g``, ``x``) on a run of pixels: the output's
+    multipliers' gradients ``dach[k, b, c] = sum_n g x (a_sp)`` and ``dA_sp[n] = sum_c g x
+    (a_ch)``; ``dsp = dA_sp * k1`` (written) and ``p1[k, b, c] = sum_n x dsp``, and with
+    ``HAS_SM`` ``p2[k, b, c] = sum_n x sm``."""
     b = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    mask_n = offs_n < N
-    mask = mask_c[:, None] & mask_n[None, :]
-    g = _tile(g_ptr, b, sgb, sgc, sgn, offs_c, offs_n, mask, ACC)
-    a_ch = tl.load(a_ch_ptr + b * C + offs_c, mask=mask_c, other=0.0)
-    a_sp = tl.load(a_sp_ptr + b * N + offs_n, mask=mask_n, other=0.0)
     if SEQ:
-        dx = g * (a_ch[:, None] * a_sp[None, :])
-    else:
-        dx = g * (a_ch[:, None] + a_sp[None, :])
-    for k in tl.static_range(K):
-        u = tl.load(u_ptr + (b * C + offs_c) * K + k, mask=mask_c, other=0.0)
-        v = tl.load(v_ptr + (b * N + offs_n) * K + k, mask=mask_n, other=0.0)
-        dx += u[:, None] * v[None, :]
-    tl.store(
-        dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_n[None, :] * sdn,
-        dx.to(dx_ptr.dtype.element_ty),
-        mask=mask)
+        a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
+    dach = tl.zeros((BLOCK_C, ), ACC)
+    p1 = tl.zeros((BLOCK_C, ), ACC)
+    p2 = tl.zeros((BLOCK_C, ), ACC)
+    n_end = tl.minimum(N, (k + 1) * run)
+    for n0 in range(k * run, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        mask = mask_c[:, None] & mask_n[None, :]
+        x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
+        gx = _tile(g_ptr, b, sgb, sgc, sgn, offs_c, offs_n, mask, ACC) * x
+        if SEQ:
+            a_sp = _pixels(a_sp_ptr + b * N, offs_n, mask_n, ACC)
+            dach += tl.sum(gx * a_sp[None, :], axis=1)
+            da_sp = tl.sum(gx * a_ch[:, None], axis=0)
+        else:
+            dach += tl.sum(gx, axis=1)
+            da_sp = tl.sum(gx, axis=0)
+        dsp = da_sp * _pixels(k1_ptr + b * N, offs_n, mask_n, ACC)
+        tl.store(dsp_ptr + b * N + offs_n, dsp, mask=mask_n)
+        p1 += tl.sum(x * dsp[None, :], axis=1)
+        if HAS_SM:
+            p2 += tl.sum(x * _pixels(sm_ptr + b * N, offs_n, mask_n, ACC)[None, :], axis=1)
+    out = (k * B + b) * C + offs_c
+    tl.store(dach_ptr + out, dach, mask=mask_c)
+    tl.store(p1_ptr + out, p1, mask=mask_c)
+    if HAS_SM:
+        tl.store(p2_ptr + out, p2, mask=mask_c)
+
+
+@triton.jit
+def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr, p_ptr, c0_ptr,
+                       dg_ptr, u_ptr, dlg_ptr, dwq_ptr, drs_ptr, B, C, N, run, inv_n, sgb, sgc, sgn,
+                       sxb, sxc, sxn, sdb, sdc, sdn, SEQ: tl.constexpr, WANT_DX: tl.constexpr,
+                       WANT_DWQ: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Backward's second pass over (dOut ``g``, ``x``) on a run of pixels: ``dr = p (dxp^T
+    x - c0[b])`` (``c0 = dxp . X p``); with ``WANT_DWQ`` ``dwq[k, b, c] = sum_n x dr`` and
+    ``drs[k, b] = sum_n dr``; with ``WANT_DX`` ``dx = g M + w_q dr^T + dxp p^T + dg 1^T / N +
+    u dlg^T`` (``M = a_ch + a_sp``, or ``a_ch a_sp`` with ``SEQ``)."""
+    b = tl.program_id(0)
+    k = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dxp = _channels(dxp_ptr + b * C, offs_c, mask_c, ACC)
+    c0 = tl.load(c0_ptr + b).to(ACC)
+    if WANT_DX:
+        a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
+        wq = _channels(wq_ptr, offs_c, mask_c, ACC)
+        dg = _channels(dg_ptr + b * C, offs_c, mask_c, ACC) * inv_n
+        u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
+    dwq = tl.zeros((BLOCK_C, ), ACC)
+    drs = tl.zeros([], ACC)
+    n_end = tl.minimum(N, (k + 1) * run)
+    for n0 in range(k * run, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_end
+        mask = mask_c[:, None] & mask_n[None, :]
+        x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
+        p = _pixels(p_ptr + b * N, offs_n, mask_n, ACC)
+        dr = p * (tl.sum(x * dxp[:, None], axis=0) - c0)  # masked pixels: p = 0
+        if WANT_DWQ:
+            dwq += tl.sum(x * dr[None, :], axis=1)
+            drs += tl.sum(dr, axis=0)
+        if WANT_DX:
+            g = _tile(g_ptr, b, sgb, sgc, sgn, offs_c, offs_n, mask, ACC)
+            a_sp = _pixels(a_sp_ptr + b * N, offs_n, mask_n, ACC)
+            dlg = _pixels(dlg_ptr + b * N, offs_n, mask_n, ACC)
+            if SEQ:
+                dx = g * (a_ch[:, None] * a_sp[None, :])
+            else:
+                dx = g * (a_ch[:, None] + a_sp[None, :])
+            dx += (
+                wq[:, None] * dr[None, :] + dxp[:, None] * p[None, :] + dg[:, None] +
+                u[:, None] * dlg[None, :])
+            tl.store(
+                dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_n[None, :] * sdn,
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask)
+    if WANT_DWQ:
+        tl.store(dwq_ptr + (k * B + b) * C + offs_c, dwq, mask=mask_c)
+        tl.store(drs_ptr + k * B + b, drs)
 
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -170,130 +284,27 @@ def _new_like(x: Tensor) -> Tensor:
     return out if _bcn(out)[0] is out else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _grid_c(c: int) -> int:
-    return triton.cdiv(c, _BLOCK_C)
+class _Launch:
+    """The launch geometry for ``x`` ``(B, C, H, W)``: tile sizes, the pixel runs and the
+    grid ``(B, runs)``, and the accumulation dtype."""
 
+    def __init__(self, x: Tensor) -> None:
+        self.b, self.c, h, w = x.shape
+        self.n, self.device = h * w, x.device
+        self.acc = acc_dtype(x.dtype)
+        self.block_c = triton.next_power_of_2(self.c)
+        self.block_n = max(1,
+                           min(_MAX_BLOCK_N, _TILE // self.block_c, triton.next_power_of_2(self.n)))
+        tiles = triton.cdiv(self.n, self.block_n)
+        runs = max(1, min(tiles, _TARGET_PROGRAMS // self.b))
+        self.run = triton.cdiv(tiles, runs) * self.block_n
+        self.runs = triton.cdiv(self.n, self.run)
+        self.grid = (self.b, self.runs)
+        self.meta = dict(ACC=_TL_ACC[self.acc], BLOCK_C=self.block_c, BLOCK_N=self.block_n)
 
-def _grid_n(n: int) -> int:
-    return triton.cdiv(n, _BLOCK_N)
-
-
-def rowdot(x: Tensor, v: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Tensor:
-    """``sum_c v[b, c] x[b, c, n] y[b, c, n]`` as ``(B, HW)`` in the accumulation dtype.
-
-    Args:
-        x (Tensor): ``(B, C, H, W)``.
-        v (Tensor, optional): ``(B, C)`` or ``(C, )`` (shared by the samples).
-        y (Tensor, optional): Like ``x``.
-    """
-    b, c, h, w = x.shape
-    n, acc = h * w, acc_dtype(x.dtype)
-    x, sx = _bcn(x)
-    y, sy = _bcn(y) if y is not None else (x, sx)
-    vv = x if v is None else v.to(acc).contiguous()
-    svb = 0 if v is None or v.dim() == 1 else vv.stride(0)
-    out = torch.empty(b, n, dtype=acc, device=x.device)
-    _rowdot_kernel[(b, _grid_n(n))](
-        x,
-        y,
-        vv,
-        out,
-        c,
-        n,
-        *sx,
-        *sy,
-        svb,
-        HAS_Y=y is not x,
-        HAS_V=v is not None,
-        ACC=_TL_ACC[acc],
-        BLOCK_C=_BLOCK_C,
-        BLOCK_N=_BLOCK_N)
-    return out
-
-
-def colsum(x: Tensor,
-           p: Optional[Tensor] = None,
-           y: Optional[Tensor] = None,
-           mean: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """``sum_n x[b, c, n] y[b, c, n] p[b, n]`` as ``(B, C)`` in the accumulation dtype, and
-    the mean of ``x y`` over the pixels with ``mean`` (else None).
-
-    Args:
-        x (Tensor): ``(B, C, H, W)``.
-        p (Tensor, optional): ``(B, HW)`` pixel weights.
-        y (Tensor, optional): Like ``x``.
-        mean (bool): Also return the mean.
-    """
-    b, c, h, w = x.shape
-    n, acc = h * w, acc_dtype(x.dtype)
-    x, sx = _bcn(x)
-    y, sy = _bcn(y) if y is not None else (x, sx)
-    pp = x if p is None else p.to(acc).contiguous()
-    # split the pixels into chunks (a multiple of _BLOCK_N) so that there are enough programs
-    chunks = max(1, min(_grid_n(n), _TARGET_PROGRAMS // (b * _grid_c(c))))
-    chunk = triton.cdiv(_grid_n(n), chunks) * _BLOCK_N
-    chunks = triton.cdiv(n, chunk)
-    out = torch.empty(chunks, b, c, dtype=acc, device=x.device)
-    out_mean = torch.empty_like(out) if mean else out
-    _colsum_kernel[(b, _grid_c(c), chunks)](
-        x,
-        y,
-        pp,
-        out,
-        out_mean,
-        b,
-        c,
-        n,
-        chunk,
-        *sx,
-        *sy,
-        1.0 / n,
-        HAS_Y=y is not x,
-        HAS_P=p is not None,
-        HAS_MEAN=mean,
-        ACC=_TL_ACC[acc],
-        BLOCK_C=_BLOCK_C,
-        BLOCK_N=_BLOCK_N)
-    return out.sum(0), (out_mean.sum(0) if mean else None)
-
-
-def _grid3(b: int, c: int, n: int) -> Tuple[int, int, int]:
-    return b, _grid_c(c), _grid_n(n)
-
-
-def gate(x: Tensor, a_ch: Tensor, a_sp: Tensor, seq: bool) -> Tensor:
-    """The output ``x * (a_ch + a_sp)`` or ``x * a_ch * a_sp`` (``a_ch`` ``(B, C)``,
-    ``a_sp`` ``(B, HW)``, both in the accumulation dtype), laid out like ``x``."""
-    return grad_x(x, x, a_ch, a_sp, None, None, seq)
-
-
-def grad_x(g: Tensor, x: Tensor, a_ch: Tensor, a_sp: Tensor, u: Optional[Tensor],
-           v: Optional[Tensor], seq: bool) -> Tensor:
-    """``dX = g * M + U V^T`` (:func:`_scale_kernel`; no ``U V^T`` when ``u`` is None), laid
-    out like ``x``."""
-    b, c, h, w = g.shape
-    g, sg = _bcn(g)
-    dx = _new_like(x)
-    _, sd = _bcn(dx)
-    k = 0 if u is None else u.shape[-1]
-    u, v = (g, g) if u is None else (u.contiguous(), v.contiguous())
-    _scale_kernel[_grid3(b, c, h * w)](
-        g,
-        a_ch,
-        a_sp,
-        u,
-        v,
-        dx,
-        c,
-        h * w,
-        *sg,
-        *sd,
-        SEQ=seq,
-        K=k,
-        ACC=_TL_ACC[a_ch.dtype],
-        BLOCK_C=_BLOCK_C,
-        BLOCK_N=_BLOCK_N)
-    return dx
+    def vectors(self, *shape: int) -> Tensor:
+        """An empty accumulation-dtype tensor ``shape`` on ``x``'s device."""
+        return torch.empty(shape, dtype=self.acc, device=self.device)
 
 
 def _leaves(tensors: Tuple[Optional[Tensor], ...], needs: Tuple[bool, ...]) -> list:
@@ -312,6 +323,44 @@ def _grads(outputs: List[Tensor], inputs: List[Optional[Tensor]],
     return [next(got) if t is not None and t.requires_grad else None for t in inputs]
 
 
+def _pool(x: Tensor, sx: Tuple[int, int, int], wq: Tensor,
+          geo: _Launch) -> Tuple[Tensor, Tensor, Tensor]:
+    """``r = w_q^T X`` ``(B, HW)``, ``X softmax(r)`` and ``GP(X)`` ``(B, C)`` in one pass."""
+    r = geo.vectors(geo.b, geo.n)
+    m, den = geo.vectors(geo.runs, geo.b), geo.vectors(geo.runs, geo.b)
+    xe, xs = geo.vectors(geo.runs, geo.b, geo.c), geo.vectors(geo.runs, geo.b, geo.c)
+    _pool_kernel[geo.grid](x, wq, r, m, den, xe, xs, geo.b, geo.c, geo.n, geo.run, *sx, **geo.meta)
+    scale = torch.exp(m - m.amax(0))  # the runs' online softmaxes merged
+    xp = (xe * scale.unsqueeze(-1)).sum(0) / (den * scale).sum(0).unsqueeze(-1)
+    return r, xp, xs.sum(0) / geo.n
+
+
+def _spatial(x: Tensor, sx: Tuple[int, int, int], geo: _Launch, spatial: int, u: Optional[Tensor],
+             bias: Optional[Tensor], a_ch: Optional[Tensor], a_sp: Optional[Tensor],
+             seq: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """One :func:`_spatial_kernel` pass: ``(a_sp or the logits, the output or None)``."""
+    a_sp = geo.vectors(geo.b, geo.n) if a_sp is None else a_sp
+    out = None if spatial == _LOGITS else _new_like(x)
+    so = (0, 0, 0) if out is None else _bcn(out)[1]
+    _spatial_kernel[geo.grid](
+        x,
+        x if u is None else u,
+        x if bias is None else bias,
+        x if a_ch is None else a_ch,
+        a_sp,
+        x if out is None else out,
+        geo.c,
+        geo.n,
+        geo.run,
+        *sx,
+        *so,
+        SPATIAL=spatial,
+        HAS_BIAS=bias is not None,
+        SEQ=seq,
+        **geo.meta)
+    return a_sp, out
+
+
 class _TritonPSA(torch.autograd.Function):
     """The fused block over the Triton kernels; inputs ``(x, paper, seq, eps, *tensors)``
     (``tensors``: :attr:`PSAParams.tensors`), outputs ``(out, a_ch, a_sp)``."""
@@ -320,16 +369,22 @@ class _TritonPSA(torch.autograd.Function):
     def forward(ctx, x: Tensor, paper: bool, seq: bool, eps: float, *tensors: Optional[Tensor]):
         b, c, h, w = x.shape
         prm = PSAParams(*tensors, eps)
+        geo = _Launch(x)
+        xv, sx = _bcn(x)
         with no_autocast(x):
-            r = rowdot(x, prm.ch_wq.flatten())  # w_q^T X: (B, HW)
-            p = _pixel_weights(r, prm)
-            xp, g = colsum(x, p, mean=True)  # X p, GP(X): (B, C)
+            wq = prm.ch_wq.detach().flatten().to(geo.acc).contiguous()
+            r, xp, g = _pool(xv, sx, wq, geo)
             a_ch = _channel_map(xp, prm)
             u, bias = _spatial_vector(_spatial_query(g, a_ch, prm, seq), a_ch, prm, paper, seq)
-            lg = rowdot(x, u)  # u^T X
-            a_sp = _spatial_map(lg, bias, paper)  # (B, HW)
-            out = gate(x, a_ch, a_sp, seq)
-        ctx.save_for_backward(x, r, p, xp, g, lg, a_ch, a_sp, u, *tensors)
+            u = u.contiguous()
+            if paper:
+                a_sp, out = _spatial(xv, sx, geo, _SIGMOID, u, bias, a_ch, None, seq)
+                sm = None
+            else:  # official PSA_p: sigmoid(softmax over the pixels of the logits)
+                lg, _ = _spatial(xv, sx, geo, _LOGITS, u, None, None, None, seq)
+                sm = torch.softmax(lg, -1)
+                a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm), seq)
+        ctx.save_for_backward(x, r, xp, g, a_ch, a_sp, sm, u, *tensors)
         ctx.flags = (paper, seq, eps)
         a_ch4, a_sp4 = _for_hooks(a_ch.view(b, c, 1, 1),
                                   x.dtype), _for_hooks(a_sp.view(b, 1, h, w), x.dtype)
@@ -339,39 +394,104 @@ class _TritonPSA(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor, _da_ch: Tensor, _da_sp: Tensor):
-        x, r, p, xp, g, lg, a_ch, a_sp, u, *tensors = ctx.saved_tensors
+        x, r, xp, g, a_ch, a_sp, sm, u, *tensors = ctx.saved_tensors
         paper, seq, eps = ctx.flags
         needs = ctx.needs_input_grad
-        b, c, h, w = x.shape
+        geo = _Launch(x)
+        xv, sx = _bcn(x)
+        gv, sg = _bcn(dout)
         with no_autocast(x):
-            # dOut * X reduced both ways (the output's multipliers)
-            da_ch = colsum(dout, a_sp if seq else None, y=x)[0]
-            da_sp = rowdot(dout, a_ch if seq else None, y=x)
+            # pass 1: dA_ch, dA_sp and the logits' gradient reduced over the pixels
+            k1 = a_sp * (1 - a_sp) if paper else sm * a_sp * (1 - a_sp)
+            dsp = geo.vectors(geo.b, geo.n)
+            dach, p1, p2 = (geo.vectors(geo.runs, geo.b, geo.c) for _ in range(3))
+            _grad_pool_kernel[geo.grid](
+                gv,
+                xv,
+                a_ch,
+                a_sp,
+                k1,
+                xv if sm is None else sm,
+                dsp,
+                dach,
+                p1,
+                p2,
+                geo.b,
+                geo.c,
+                geo.n,
+                geo.run,
+                *sg,
+                *sx,
+                SEQ=seq,
+                HAS_SM=sm is not None,
+                **geo.meta)
+            if paper:  # a_sp = sigmoid(lg + bias)
+                dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
+            else:  # a_sp = sigmoid(sm), sm = softmax(lg)
+                s = dsp.sum(-1, keepdim=True)
+                dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
+            # the vector maths again, as a local graph
             with torch.enable_grad():
                 prm = PSAParams(*_leaves(tensors, needs[4:]), eps)
-                lg_, xp_, g_, r_ = _leaves((lg, xp, g, r), (True, ) * 4)
-                # the vector maths again, as a local graph
+                xp_, g_ = _leaves((xp, g), (True, True))
                 a_ch_ = _channel_map(xp_, prm)
                 u_, bias_ = _spatial_vector(
                     _spatial_query(g_, a_ch_, prm, seq), a_ch_, prm, paper, seq)
-                bias_leaf = None if bias_ is None else bias_.detach().requires_grad_()
-                a_sp_ = _spatial_map(lg_, bias_leaf, paper)
-                dlg, dbias = _grads([a_sp_], [lg_, bias_leaf], [da_sp])
-                du = colsum(x, dlg)[0]  # X dlg
                 dxp, dg, *dprm = _grads([a_ch_, u_, bias_], [xp_, g_, *prm.tensors],
-                                        [da_ch, du, dbias])
-                dp = rowdot(x, dxp)  # dxp^T X
-                dr, dbq = _grads([_pixel_weights(r_, prm)], [r_, prm.ch_bq], [dp])
-        dx = None
-        if needs[0]:
-            ones = torch.full_like(p, 1.0 / (h * w))
-            wq = prm.ch_wq.detach().flatten().to(a_ch.dtype).expand(b, c)
-            dx = grad_x(dout, x, a_ch, a_sp, torch.stack([wq, dxp, dg, u], -1),
-                        torch.stack([dr, p, ones, dlg], -1), seq)
-        if needs[4]:  # w_q: r = w_q^T X
-            dprm[0] = colsum(x, dr)[0].sum(0).view_as(tensors[0]).to(tensors[0].dtype)
-        dprm[1] = dbq
+                                        [dach.sum(0), du, dbias])
+            # pass 2: w_q's gradient and dX
+            want_dx, want_dwq = needs[0], needs[4] or needs[5]
+            dx = _new_like(x) if want_dx else None
+            if want_dx or want_dwq:
+                p = torch.softmax(r, -1)
+                dwq, drs = geo.vectors(geo.runs, geo.b, geo.c), geo.vectors(geo.runs, geo.b)
+                wq = tensors[0].detach().flatten().to(geo.acc).contiguous()
+                _grad_input_kernel[geo.grid](
+                    gv,
+                    xv,
+                    xv if dx is None else dx,
+                    a_ch,
+                    a_sp,
+                    wq,
+                    dxp.contiguous(),
+                    p, (dxp * xp).sum(-1),
+                    dg.contiguous(),
+                    u,
+                    dlg.contiguous(),
+                    dwq,
+                    drs,
+                    geo.b,
+                    geo.c,
+                    geo.n,
+                    geo.run,
+                    1.0 / geo.n,
+                    *sg,
+                    *sx,
+                    *((0, 0, 0) if dx is None else _bcn(dx)[1]),
+                    SEQ=seq,
+                    WANT_DX=want_dx,
+                    WANT_DWQ=want_dwq,
+                    **geo.meta)
+                if needs[4]:  # w_q: r = w_q^T X
+                    dprm[0] = dwq.sum((0, 1)).view_as(tensors[0]).to(tensors[0].dtype)
+                if needs[5]:  # b_q: cancels in the softmax (its gradient is 0 up to rounding)
+                    dprm[1] = drs.sum().view_as(tensors[1]).to(tensors[1].dtype)
         return (dx, None, None, None, *dprm)
+
+
+def unsupported(x: Tensor, paper: bool, sequential: bool) -> Optional[str]:
+    """Why the Triton kernels cannot evaluate ``x`` (None when they can, device aside)."""
+    if not paper and sequential:
+        return 'the official sequential variant (PSA_s) has no Triton kernels'
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f'x must be a floating-point tensor, got dtype {x.dtype}'
+    if x.numel() >= 2**31:
+        return (f'the Triton kernels index with int32: x must have fewer than 2^31 elements, '
+                f'got shape {tuple(x.shape)}')
+    if x.shape[1] > MAX_CHANNELS:
+        return (f'the Triton kernels take at most {MAX_CHANNELS} channels (a tile holds every '
+                f'channel), got {x.shape[1]}')
+    return None
 
 
 def fused_psa(x: Tensor, paper: bool, sequential: bool,
@@ -387,14 +507,9 @@ def fused_psa(x: Tensor, paper: bool, sequential: bool,
     Returns:
         tuple: The output and the maps, as :func:`psa_fused.fused_function` gives them.
     """
-    if not paper and sequential:
-        raise ValueError('the Triton kernels do not cover the official sequential variant '
-                         '(PSA_s), got paper=False, sequential=True')
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f'x must be a floating-point tensor, got dtype {x.dtype}')
-    if x.numel() >= 2**31:
-        raise ValueError(f'the Triton kernels index with int32: x must have fewer than 2^31 '
-                         f'elements, got shape {tuple(x.shape)}')
+    reason = unsupported(x, paper, sequential)
+    if reason is not None:
+        raise ValueError(f'{reason} (paper={paper}, sequential={sequential})')
     # kernels launch on the current device (autograd runs backward on the input's device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         return tuple(_TritonPSA.apply(x, paper, sequential, params.ln_eps, *params.tensors))

@@ -90,11 +90,26 @@ def test_one_pixel(variant, mode, triton_path, block_oracle):
     block_oracle.assert_matches(got, ref, 1e-11)
 
 
-def test_many_pixel_blocks_and_chunks(triton_path, block_oracle, monkeypatch):
-    # 13 x 21 = 273 pixels: three pixel blocks of 128, the pixel sums split in chunks
-    monkeypatch.setattr(triton_path, '_TARGET_PROGRAMS', 8)
+@pytest.mark.parametrize('variant,mode', SUPPORTED)
+def test_many_tiles_and_runs(variant, mode, triton_path, block_oracle, monkeypatch):
+    # 13 x 21 = 273 pixels in tiles of 8: five runs of seven tiles per sample, the last tile
+    # of each run partly masked; the runs' online softmaxes are merged
+    monkeypatch.setattr(triton_path, '_MAX_BLOCK_N', 8)
+    monkeypatch.setattr(triton_path, '_TARGET_PROGRAMS', 10)
+    assert triton_path._Launch(torch.empty(2, C, 13, 21)).grid == (2, 5)
     block_oracle.check_fused_vs_literal(
-        'paper', 'parallel', torch.float64, rtol=1e-11, shape=(2, C, 13, 21), perturb=0.3)
+        variant, mode, torch.float64, rtol=1e-11, shape=(2, C, 13, 21), perturb=0.3)
+
+
+def test_channel_limit(triton_kernels, monkeypatch):
+    # a tile holds every channel: auto leaves wider blocks to the compiled Function
+    monkeypatch.setattr(triton_kernels, 'MAX_CHANNELS', 8)
+    x = torch.randn(1, 16, 2, 2)
+    assert 'at most 8 channels' in triton_kernels.unsupported(x, True, False)
+    monkeypatch.setenv('MMPSA_BACKEND', 'triton')
+    with pytest.raises(
+            RuntimeError, match=r'MMPSA_BACKEND=triton: .* at most 8 channels \(.*\), got 16'):
+        PolarizedSelfAttention(16)(x)
 
 
 @pytest.mark.parametrize('layout', ['channels_last', 'transposed'])
