@@ -169,6 +169,16 @@ def _spatial_map(lg: Tensor, bias: Optional[Tensor], paper: bool) -> Tensor:
     return torch.sigmoid(torch.softmax(lg, -1))
 
 
+def _sequential_spatial_map(x3: Tensor, a_ch: Tensor, sq: Tensor, prm: PSAParams) -> Tensor:
+    """Official PSA_s's ``a_sp`` ``(B, HW)`` from ``X`` ``(B, C, HW)``: the softmax over the
+    pixels of each channel of ``W_v(a_ch * X) = (W_v diag(a_ch)) X`` (which does not fuse),
+    weighted by ``sq`` ``(B, C/2)``; ``a_ch * X`` is never materialised."""
+    X, A = _casts(x3.dtype, a_ch.dtype)
+    wva = prm.sp_wv.flatten(1).to(a_ch.dtype).unsqueeze(0) * a_ch.unsqueeze(1)
+    theta = torch.softmax(A(torch.bmm(X(wva), x3)), -1)
+    return torch.sigmoid(torch.bmm(sq.unsqueeze(1), theta)).view(x3.shape[0], -1)
+
+
 def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused math with plain differentiable ops (tracing, compile, export,
     and the fallback when ``mmpsa._ext`` is not built): ``(out, a_ch, a_sp)``.
@@ -193,11 +203,7 @@ def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, T
             u, bias = _spatial_vector(sq, a_ch, prm, paper, seq)
             a_sp = _spatial_map(A(torch.bmm(X(u).unsqueeze(1), x3)).view(b, n), bias, paper)
         else:
-            # PSA_s: W_v(a_ch * X) = (W_v diag(a_ch)) X, softmax over HW per
-            # channel (does not fuse); a_ch * X is never materialised
-            wva = prm.sp_wv.flatten(1).to(acc).unsqueeze(0) * a_ch.unsqueeze(1)
-            theta = torch.softmax(A(torch.bmm(X(wva), x3)), -1)
-            a_sp = torch.sigmoid(torch.bmm(sq.unsqueeze(1), theta)).view(b, n)  # (B, HW)
+            a_sp = _sequential_spatial_map(x3, a_ch, sq, prm)
     a_ch4, a_sp4 = X(a_ch).view(b, c, 1, 1), X(a_sp).view(b, 1, h, w)
     out = x * a_ch4 * a_sp4 if seq else x * a_ch4 + x * a_sp4
     return out, _for_hooks(a_ch4, xd), _for_hooks(a_sp4, xd)
@@ -262,11 +268,11 @@ BACKENDS = ('auto', 'triton', 'cpu', 'aten', 'plain')
 def backend() -> str:
     """The fused evaluation path asked for by the environment variable ``MMPSA_BACKEND``.
 
-    ``auto`` (the default): the Triton kernels for CUDA tensors (paper variant and official
-    PSA_p, when triton is importable and ``psa_triton.unsupported`` finds nothing), else
-    the compiled Function (its CPU kernel where it applies, its ATen path elsewhere), else
-    plain ops; ``triton``, ``cpu`` (the compiled Function, CPU tensors), ``aten`` (its ATen
-    path) and ``plain`` force one path and raise where it cannot run. Read on every fused forward, here only.
+    ``auto`` (the default): the Triton kernels for CUDA tensors (when triton is importable
+    and ``psa_triton.unsupported`` finds nothing), else the compiled Function (its CPU
+    kernel where it applies, its ATen path elsewhere), else plain ops; ``triton``, ``cpu``
+    (the compiled Function, CPU tensors), ``aten`` (its ATen path) and ``plain`` force one
+    path and raise where it cannot run. Read on every fused forward, here only.
 
     Returns:
         str: One of :data:`BACKENDS`.

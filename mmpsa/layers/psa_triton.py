@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from .precision import acc_dtype, no_autocast
-from .psa_fused import PSAParams, _channel_map, _for_hooks, _spatial_query, _spatial_vector
+from .psa_fused import (PSAParams, _channel_map, _for_hooks, _sequential_spatial_map,
+                        _spatial_query, _spatial_vector)
 
 Tensor = torch.Tensor
 
@@ -211,14 +212,15 @@ def _grad_pool_kernel(g_ptr, x_ptr, a_ch_ptr, a_sp_ptr, k1_ptr, sm_ptr, dsp_ptr,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr, p_ptr, c0_ptr,
-                       dg_ptr, u_ptr, dlg_ptr, dwq_ptr, drs_ptr, B, C, N, run, inv_n, sgb, sgc, sgn,
-                       sxb, sxc, sxn, sdb, sdc, sdn, SEQ: tl.constexpr, WANT_DX: tl.constexpr,
-                       WANT_DWQ: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       dg_ptr, u_ptr, dlg_ptr, e_ptr, dwq_ptr, drs_ptr, B, C, N, run, inv_n, sgb,
+                       sgc, sgn, sxb, sxc, sxn, sdb, sdc, sdn, seb, sec, sen, SEQ: tl.constexpr,
+                       WANT_DX: tl.constexpr, WANT_DWQ: tl.constexpr, DENSE: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward's second pass over (dOut ``g``, ``x``) on a run of pixels: ``dr = p (dxp^T
     x - c0[b])`` (``c0 = dxp . X p``); with ``WANT_DWQ`` ``dwq[k, b, c] = sum_n x dr`` and
     ``drs[k, b] = sum_n dr``; with ``WANT_DX`` ``dx = g M + w_q dr^T + dxp p^T + dg 1^T / N +
-    u dlg^T`` (``M = a_ch + a_sp``, or ``a_ch a_sp`` with ``SEQ``)."""
+    S`` (``M = a_ch + a_sp``, or ``a_ch a_sp`` with ``SEQ``) where the spatial branch's term
+    ``S`` is ``u dlg^T``, or with ``DENSE`` the tensor ``e`` (official PSA_s)."""
     b = tl.program_id(0)
     k = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -229,7 +231,8 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
         a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
         wq = _channels(wq_ptr, offs_c, mask_c, ACC)
         dg = _channels(dg_ptr + b * C, offs_c, mask_c, ACC) * inv_n
-        u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
+        if not DENSE:
+            u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
     dwq = tl.zeros((BLOCK_C, ), ACC)
     drs = tl.zeros([], ACC)
     n_end = tl.minimum(N, (k + 1) * run)
@@ -246,14 +249,15 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
         if WANT_DX:
             g = _tile(g_ptr, b, sgb, sgc, sgn, offs_c, offs_n, mask, ACC)
             a_sp = _pixels(a_sp_ptr + b * N, offs_n, mask_n, ACC)
-            dlg = _pixels(dlg_ptr + b * N, offs_n, mask_n, ACC)
             if SEQ:
                 dx = g * (a_ch[:, None] * a_sp[None, :])
             else:
                 dx = g * (a_ch[:, None] + a_sp[None, :])
-            dx += (
-                wq[:, None] * dr[None, :] + dxp[:, None] * p[None, :] + dg[:, None] +
-                u[:, None] * dlg[None, :])
+            dx += wq[:, None] * dr[None, :] + dxp[:, None] * p[None, :] + dg[:, None]
+            if DENSE:
+                dx += _tile(e_ptr, b, seb, sec, sen, offs_c, offs_n, mask, ACC)
+            else:
+                dx += u[:, None] * _pixels(dlg_ptr + b * N, offs_n, mask_n, ACC)[None, :]
             tl.store(
                 dx_ptr + b * sdb + offs_c[:, None] * sdc + offs_n[None, :] * sdn,
                 dx.to(dx_ptr.dtype.element_ty),
@@ -361,9 +365,20 @@ def _spatial(x: Tensor, sx: Tuple[int, int, int], geo: _Launch, spatial: int, u:
     return a_sp, out
 
 
+def _pixels_view(xv: Tensor, sx: Tuple[int, int, int]) -> Tensor:
+    """``xv`` ``(B, C, H, W)`` as the ``(B, C, HW)`` tensor its strides ``sx`` describe."""
+    b, c, h, w = xv.shape
+    return xv.as_strided((b, c, h * w), sx, xv.storage_offset())
+
+
 class _TritonPSA(torch.autograd.Function):
     """The fused block over the Triton kernels; inputs ``(x, paper, seq, eps, *tensors)``
-    (``tensors``: :attr:`PSAParams.tensors`), outputs ``(out, a_ch, a_sp)``."""
+    (``tensors``: :attr:`PSAParams.tensors`), outputs ``(out, a_ch, a_sp)``.
+
+    Official PSA_s (``dense``): its spatial map, a softmax over the pixels of each of the
+    C/2 channels of ``W_v(a_ch * X)``, is two batched GEMMs
+    (:func:`psa_fused._sequential_spatial_map`, cuBLAS on CUDA), recomputed in backward
+    under autograd; its other passes are the kernels'."""
 
     @staticmethod
     def forward(ctx, x: Tensor, paper: bool, seq: bool, eps: float, *tensors: Optional[Tensor]):
@@ -371,19 +386,25 @@ class _TritonPSA(torch.autograd.Function):
         prm = PSAParams(*tensors, eps)
         geo = _Launch(x)
         xv, sx = _bcn(x)
+        sm = u = None
         with no_autocast(x):
             wq = prm.ch_wq.detach().flatten().to(geo.acc).contiguous()
             r, xp, g = _pool(xv, sx, wq, geo)
             a_ch = _channel_map(xp, prm)
-            u, bias = _spatial_vector(_spatial_query(g, a_ch, prm, seq), a_ch, prm, paper, seq)
-            u = u.contiguous()
-            if paper:
-                a_sp, out = _spatial(xv, sx, geo, _SIGMOID, u, bias, a_ch, None, seq)
-                sm = None
-            else:  # official PSA_p: sigmoid(softmax over the pixels of the logits)
-                lg, _ = _spatial(xv, sx, geo, _LOGITS, u, None, None, None, seq)
-                sm = torch.softmax(lg, -1)
-                a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm), seq)
+            sq = _spatial_query(g, a_ch, prm, seq)
+            if not paper and seq:  # official PSA_s
+                a_sp = _sequential_spatial_map(_pixels_view(xv, sx), a_ch, sq, prm)
+                _, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, a_sp, seq)
+            else:
+                u, bias = _spatial_vector(sq, a_ch, prm, paper, seq)
+                u = u.contiguous()
+                if paper:
+                    a_sp, out = _spatial(xv, sx, geo, _SIGMOID, u, bias, a_ch, None, seq)
+                else:  # official PSA_p: sigmoid(softmax over the pixels of the logits)
+                    lg, _ = _spatial(xv, sx, geo, _LOGITS, u, None, None, None, seq)
+                    sm = torch.softmax(lg, -1)
+                    a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm),
+                                         seq)
         ctx.save_for_backward(x, r, xp, g, a_ch, a_sp, sm, u, *tensors)
         ctx.flags = (paper, seq, eps)
         a_ch4, a_sp4 = _for_hooks(a_ch.view(b, c, 1, 1),
@@ -396,13 +417,17 @@ class _TritonPSA(torch.autograd.Function):
     def backward(ctx, dout: Tensor, _da_ch: Tensor, _da_sp: Tensor):
         x, r, xp, g, a_ch, a_sp, sm, u, *tensors = ctx.saved_tensors
         paper, seq, eps = ctx.flags
+        dense = not paper and seq
         needs = ctx.needs_input_grad
         geo = _Launch(x)
         xv, sx = _bcn(x)
         gv, sg = _bcn(dout)
         with no_autocast(x):
             # pass 1: dA_ch, dA_sp and the logits' gradient reduced over the pixels
-            k1 = a_sp * (1 - a_sp) if paper else sm * a_sp * (1 - a_sp)
+            if dense:  # dsp = dA_sp
+                k1 = torch.ones_like(a_sp)
+            else:
+                k1 = a_sp * (1 - a_sp) if paper else sm * a_sp * (1 - a_sp)
             dsp = geo.vectors(geo.b, geo.n)
             dach, p1, p2 = (geo.vectors(geo.runs, geo.b, geo.c) for _ in range(3))
             _grad_pool_kernel[geo.grid](
@@ -425,20 +450,27 @@ class _TritonPSA(torch.autograd.Function):
                 SEQ=seq,
                 HAS_SM=sm is not None,
                 **geo.meta)
-            if paper:  # a_sp = sigmoid(lg + bias)
-                dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
-            else:  # a_sp = sigmoid(sm), sm = softmax(lg)
-                s = dsp.sum(-1, keepdim=True)
-                dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
+            dlg = dx3 = None
             # the vector maths again, as a local graph
             with torch.enable_grad():
                 prm = PSAParams(*_leaves(tensors, needs[4:]), eps)
                 xp_, g_ = _leaves((xp, g), (True, True))
                 a_ch_ = _channel_map(xp_, prm)
-                u_, bias_ = _spatial_vector(
-                    _spatial_query(g_, a_ch_, prm, seq), a_ch_, prm, paper, seq)
-                dxp, dg, *dprm = _grads([a_ch_, u_, bias_], [xp_, g_, *prm.tensors],
-                                        [dach.sum(0), du, dbias])
+                sq_ = _spatial_query(g_, a_ch_, prm, seq)
+                if dense:  # the GEMMs again, X's part of the gradient as a tensor
+                    x3_ = _pixels_view(xv, sx).detach().requires_grad_(needs[0])
+                    a_sp_ = _sequential_spatial_map(x3_, a_ch_, sq_, prm)
+                    dxp, dg, dx3, *dprm = _grads([a_ch_, a_sp_], [xp_, g_, x3_, *prm.tensors],
+                                                 [dach.sum(0), dsp])
+                else:
+                    if paper:  # a_sp = sigmoid(lg + bias)
+                        dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
+                    else:  # a_sp = sigmoid(sm), sm = softmax(lg)
+                        s = dsp.sum(-1, keepdim=True)
+                        dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
+                    u_, bias_ = _spatial_vector(sq_, a_ch_, prm, paper, seq)
+                    dxp, dg, *dprm = _grads([a_ch_, u_, bias_], [xp_, g_, *prm.tensors],
+                                            [dach.sum(0), du, dbias])
             # pass 2: w_q's gradient and dX
             want_dx, want_dwq = needs[0], needs[4] or needs[5]
             dx = _new_like(x) if want_dx else None
@@ -456,8 +488,9 @@ class _TritonPSA(torch.autograd.Function):
                     dxp.contiguous(),
                     p, (dxp * xp).sum(-1),
                     dg.contiguous(),
-                    u,
-                    dlg.contiguous(),
+                    xv if u is None else u,
+                    xv if dlg is None else dlg.contiguous(),
+                    xv if dx3 is None else dx3,
                     dwq,
                     drs,
                     geo.b,
@@ -468,9 +501,11 @@ class _TritonPSA(torch.autograd.Function):
                     *sg,
                     *sx,
                     *((0, 0, 0) if dx is None else _bcn(dx)[1]),
+                    *((0, 0, 0) if dx3 is None else dx3.stride()),
                     SEQ=seq,
                     WANT_DX=want_dx,
                     WANT_DWQ=want_dwq,
+                    DENSE=dense,
                     **geo.meta)
                 if needs[4]:  # w_q: r = w_q^T X
                     dprm[0] = dwq.sum((0, 1)).view_as(tensors[0]).to(tensors[0].dtype)
@@ -481,8 +516,6 @@ class _TritonPSA(torch.autograd.Function):
 
 def unsupported(x: Tensor, paper: bool, sequential: bool) -> Optional[str]:
     """Why the Triton kernels cannot evaluate ``x`` (None when they can, device aside)."""
-    if not paper and sequential:
-        return 'the official sequential variant (PSA_s) has no Triton kernels'
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f'x must be a floating-point tensor, got dtype {x.dtype}'
     if x.numel() >= 2**31:
@@ -500,8 +533,8 @@ def fused_psa(x: Tensor, paper: bool, sequential: bool,
 
     Args:
         x (Tensor): Input ``(B, C, H, W)``: CUDA, or CPU under :data:`INTERPRET`.
-        paper (bool): Paper variant (True) or official PSA_p (False).
-        sequential (bool): Sequential mode (paper variant only).
+        paper (bool): Paper variant (True) or the official one (False).
+        sequential (bool): Sequential mode.
         params (PSAParams): The block's parameters.
 
     Returns:

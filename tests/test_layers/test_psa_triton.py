@@ -9,8 +9,9 @@ import torch
 
 from mmpsa.layers import PolarizedSelfAttention, psa_fused
 
-C = 16
-SUPPORTED = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel')]
+C = 32  # official sequential: LayerNorm over C // 8 = 4 channels
+SUPPORTED = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
+             ('official', 'sequential')]
 
 
 @pytest.fixture
@@ -45,8 +46,6 @@ def test_forced_paths_that_cannot_run_raise(monkeypatch):
     with pytest.raises(RuntimeError, match='CPU tensors only, got a meta tensor'):
         block(torch.empty(1, 8, 2, 2, device='meta'))
     monkeypatch.setenv('MMPSA_BACKEND', 'triton')
-    with pytest.raises(RuntimeError, match='official sequential variant .* no Triton kernels'):
-        PolarizedSelfAttention(8, mode='sequential', variant='official')(torch.randn(1, 8, 2, 2))
     monkeypatch.setattr(psa_fused, '_TRITON', [None])  # as without triton
     with pytest.raises(RuntimeError, match='triton is not importable'):
         block(torch.randn(1, 8, 2, 2))
@@ -125,10 +124,11 @@ def test_input_layouts(layout, triton_path, block_oracle):
         layout=layout)
 
 
-def test_input_without_grad(triton_path, block_oracle):
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
+def test_input_without_grad(mode, triton_path, block_oracle):
     block_oracle.check_fused_vs_literal(
         'official',
-        'parallel',
+        mode,
         torch.float64,
         rtol=1e-11,
         perturb=0.3,
@@ -136,7 +136,8 @@ def test_input_without_grad(triton_path, block_oracle):
         input_grad=False)
 
 
-@pytest.mark.parametrize('variant,mode', [('paper', 'parallel'), ('official', 'parallel')])
+@pytest.mark.parametrize('variant,mode', [('paper', 'parallel'), ('official', 'parallel'),
+                                          ('official', 'sequential')])
 def test_expanded_grad_output(variant, mode, triton_path, block_oracle):
     # out.sum().backward() hands backward a stride-0 gradient
     fused, literal = block_oracle.pair(variant, mode, c=C, dtype=torch.float64, perturb=0.3)
