@@ -31,6 +31,8 @@ Where it runs:
   dtype. At the HRNet shapes a step in ATen ops is ~50 ops of a few microseconds each
   on tiny tensors; the Python version of the same ops was slower still (its per-op
   glue was a third of the step).
+* CUDA tensors run the Triton kernels of :mod:`mmpsa.layers.psa_triton` (every variant;
+  the same vector maths as here between their passes over X).
 * :func:`_plain` is the same maths as plain differentiable ops. It runs under
   ``torch.jit`` tracing and ``torch.compile``/``torch.export`` (a custom Function would
   be opaque there; mmengine's FLOPs count would miss it), and, with a warning, when
