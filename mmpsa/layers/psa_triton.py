@@ -85,24 +85,35 @@ def _pixels(ptr, offs_n, mask_n, ACC: tl.constexpr):
 
 
 @triton.jit
+def _program(C, N, run, BLOCK_C: tl.constexpr):
+    """This program's sample ``b``, its channel offsets and mask, and its pixels
+    ``[start, end)`` (programs ``(b, k)``: the ``k``-th run of ``run`` pixels)."""
+    k = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    return tl.program_id(0), k, offs_c, offs_c < C, k * run, tl.minimum(N, (k + 1) * run)
+
+
+@triton.jit
+def _pixel_block(n0, end, BLOCK_N: tl.constexpr):
+    """The pixel offsets from ``n0`` and their mask (below ``end``)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return offs_n, offs_n < end
+
+
+@triton.jit
 def _pool_kernel(x_ptr, wq_ptr, r_ptr, m_ptr, den_ptr, xe_ptr, xs_ptr, B, C, N, run, sxb, sxc, sxn,
                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """Over the pixels ``[k run, (k + 1) run)`` of sample ``b`` (programs ``(b, k)``):
     ``r[b, n] = w_q^T x[b, :, n]``; the running maximum ``m[k, b]`` of ``r``, ``den[k, b] =
     sum_n exp(r - m)``, ``xe[k, b, c] = sum_n x exp(r - m)`` and ``xs[k, b, c] = sum_n x``."""
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, k, offs_c, mask_c, start, n_end = _program(C, N, run, BLOCK_C)
     wq = _channels(wq_ptr, offs_c, mask_c, ACC)
     m = tl.full([], float('-inf'), ACC)
     den = tl.zeros([], ACC)
     xe = tl.zeros((BLOCK_C, ), ACC)
     xs = tl.zeros((BLOCK_C, ), ACC)
-    n_end = tl.minimum(N, (k + 1) * run)
-    for n0 in range(k * run, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_end
+    for n0 in range(start, n_end, BLOCK_N):
+        offs_n, mask_n = _pixel_block(n0, n_end, BLOCK_N)
         x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask_c[:, None] & mask_n[None, :], ACC)
         r = tl.sum(x * wq[:, None], axis=0)
         tl.store(r_ptr + b * N + offs_n, r, mask=mask_n)
@@ -128,20 +139,15 @@ def _spatial_kernel(x_ptr, u_ptr, bias_ptr, a_ch_ptr, a_sp_ptr, out_ptr, C, N, r
     writes ``u^T x`` to ``a_sp``; ``_SIGMOID`` writes ``a_sp = sigmoid(u^T x + bias[b])``
     and the output; ``_GIVEN`` reads ``a_sp`` and writes the output ``x * (a_ch + a_sp)``
     (``x * a_ch * a_sp`` with ``SEQ``)."""
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, k, offs_c, mask_c, start, n_end = _program(C, N, run, BLOCK_C)
     if SPATIAL != 2:
         u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
     if SPATIAL != 0:
         a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b).to(ACC)
-    n_end = tl.minimum(N, (k + 1) * run)
-    for n0 in range(k * run, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_end
+    for n0 in range(start, n_end, BLOCK_N):
+        offs_n, mask_n = _pixel_block(n0, n_end, BLOCK_N)
         mask = mask_c[:, None] & mask_n[None, :]
         x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
         if SPATIAL == 2:
@@ -175,19 +181,14 @@ def _grad_pool_kernel(g_ptr, x_ptr, a_ch_ptr, a_sp_ptr, k1_ptr, sm_ptr, dsp_ptr,
     multipliers' gradients ``dach[k, b, c] = sum_n g x (a_sp)`` and ``dA_sp[n] = sum_c g x
     (a_ch)``; ``dsp = dA_sp * k1`` (written) and ``p1[k, b, c] = sum_n x dsp``, and with
     ``HAS_SM`` ``p2[k, b, c] = sum_n x sm``."""
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, k, offs_c, mask_c, start, n_end = _program(C, N, run, BLOCK_C)
     if SEQ:
         a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
     dach = tl.zeros((BLOCK_C, ), ACC)
     p1 = tl.zeros((BLOCK_C, ), ACC)
     p2 = tl.zeros((BLOCK_C, ), ACC)
-    n_end = tl.minimum(N, (k + 1) * run)
-    for n0 in range(k * run, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_end
+    for n0 in range(start, n_end, BLOCK_N):
+        offs_n, mask_n = _pixel_block(n0, n_end, BLOCK_N)
         mask = mask_c[:, None] & mask_n[None, :]
         x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
         gx = _tile(g_ptr, b, sgb, sgc, sgn, offs_c, offs_n, mask, ACC) * x
@@ -221,10 +222,7 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
     ``drs[k, b] = sum_n dr``; with ``WANT_DX`` ``dx = g M + w_q dr^T + dxp p^T + dg 1^T / N +
     S`` (``M = a_ch + a_sp``, or ``a_ch a_sp`` with ``SEQ``) where the spatial branch's term
     ``S`` is ``u dlg^T``, or with ``DENSE`` the tensor ``e`` (official PSA_s)."""
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, k, offs_c, mask_c, start, n_end = _program(C, N, run, BLOCK_C)
     dxp = _channels(dxp_ptr + b * C, offs_c, mask_c, ACC)
     c0 = tl.load(c0_ptr + b).to(ACC)
     if WANT_DX:
@@ -235,10 +233,8 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
             u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
     dwq = tl.zeros((BLOCK_C, ), ACC)
     drs = tl.zeros([], ACC)
-    n_end = tl.minimum(N, (k + 1) * run)
-    for n0 in range(k * run, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_end
+    for n0 in range(start, n_end, BLOCK_N):
+        offs_n, mask_n = _pixel_block(n0, n_end, BLOCK_N)
         mask = mask_c[:, None] & mask_n[None, :]
         x = _tile(x_ptr, b, sxb, sxc, sxn, offs_c, offs_n, mask, ACC)
         p = _pixels(p_ptr + b * N, offs_n, mask_n, ACC)
