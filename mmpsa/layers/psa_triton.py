@@ -1,4 +1,4 @@
-"""Triton kernels for the fused PolarizedSelfAttention (paper variant, official PSA_p).
+"""Triton kernels for the fused PolarizedSelfAttention (every variant and mode).
 
 The maths is :mod:`mmpsa.layers.psa_fused`'s: every attention map is a function of a
 few reductions of X (the input as a (C, HW) matrix per sample), and the output is
@@ -25,6 +25,11 @@ from the same load. The passes over X (and dOut), each one read:
 * backward, :func:`_grad_input_kernel` on (dOut, X): ``dp = dxp^T X`` and ``dr`` per
   pixel (the softmax's normaliser term is ``dxp . X p``, known), ``X dr`` for ``w_q``'s
   gradient, and ``dX = dOut * M + w_q dr^T + dxp p^T + dg 1^T / HW + u dlg^T``.
+
+Official PSA_s takes the first pass, the output pass and the dX pass (its spatial term a
+C x HW tensor); its spatial map, a softmax over the pixels of each of the C/2 channels of
+``W_v(a_ch * X)``, does not reduce to vectors and runs as two batched GEMMs
+(:func:`~mmpsa.layers.psa_fused._sequential_spatial_map`), recomputed in backward.
 
 Besides the input, forward keeps ``r``, ``a_sp`` (PSA_p: also the softmax) and the
 per-sample vectors. Everything is accumulated in ``promote(dtype, float32)`` (fp64 stays
