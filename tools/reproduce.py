@@ -11,9 +11,14 @@ Examples::
 Tables are configs/tables/<name>.py. Re-running skips finished runs and resumes unfinished ones.
 """
 import argparse
+import warnings
 from typing import List, Optional
 
-from mmpsa.utils.reproduce import LAUNCHERS, LaunchOptions, reproduce
+# the stock libraries import pkg_resources again and again (mmengine's config imports); its
+# deprecation note would repeat between the progress lines
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+
+from mmpsa.utils.reproduce import LAUNCHERS, LaunchOptions, reproduce  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

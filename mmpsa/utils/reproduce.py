@@ -16,6 +16,7 @@ Every run goes into ``WORK_DIR/<table>/<config name>/`` (training) and its ``tes
 second launch skips finished runs and resumes interrupted ones, and gather needs nothing else:
 it reads mmengine's logs and result JSONs (no re-evaluation).
 """
+import contextlib
 import glob
 import json
 import os
@@ -29,7 +30,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 from mmengine.config import Config
@@ -529,8 +530,7 @@ def complexity_of(run: Run, stock: Optional[Run]) -> Dict[str, Any]:
     if cache.is_file():
         return json.loads(cache.read_text())
     from mmpsa.apis.complexity import measure
-    with warnings.catch_warnings():  # the model builders' deprecation notes
-        warnings.simplefilter('ignore')
+    with _quiet_stock_libraries():
         cost = measure(Config.fromfile(config_file(run.config)))
         stock_cost = measure(Config.fromfile(config_file(stock.config))) if stock else None
     record = {
@@ -751,6 +751,16 @@ def publish(table: Table,
 
 
 # ------------------------------------------------------------------ the whole job
+@contextlib.contextmanager
+def _quiet_stock_libraries() -> Iterator[None]:
+    """Hide the notes the stock libraries print on every model build (mmseg's and mmpose's
+    deprecations), which would bury the progress lines; mmpsa's own warnings still show."""
+    with warnings.catch_warnings():
+        for library in ('mmseg', 'mmpose', 'mmdet', 'mmengine', 'mmcv'):
+            warnings.filterwarnings('ignore', module=library)
+        yield
+
+
 def attention_pictures(table: Table, work_root: str, per_model: int = 2) -> List[str]:
     """The attention maps of every finished PSA run on its first validation images.
 
@@ -778,7 +788,9 @@ def attention_pictures(table: Table, work_root: str, per_model: int = 2) -> List
         else:
             images = sorted((root / 'val2017').glob('*.jpg'))[:per_model]
         out = Path(work_root) / table.name / 'attention' / run.name
-        pictures += visualize_attention(cfg, checkpoint_of(run), [str(p) for p in images], str(out))
+        with _quiet_stock_libraries():
+            pictures += visualize_attention(cfg, checkpoint_of(run), [str(p) for p in images],
+                                            str(out))
     return pictures
 
 
