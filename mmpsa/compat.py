@@ -1,0 +1,83 @@
+"""The one compatibility module: every call that exists only on a newer torch/triton.
+
+Each entry names the API and the version that added it; code elsewhere calls the entry, never
+``hasattr(torch, ...)``. Imports torch alone (the block's layer room uses it).
+A feature that cannot run on an older version raises :class:`UnsupportedVersionError` naming
+the version it needs.
+"""
+import contextlib
+from typing import Any, Callable, ContextManager, Iterable, Optional
+
+import torch
+
+
+class UnsupportedVersionError(RuntimeError):
+    """A feature that needs a newer torch/triton than the one installed."""
+
+
+def torch_version() -> tuple:
+    """The installed torch's ``(major, minor)``."""
+    major, minor = torch.__version__.split('+')[0].split('.')[:2]
+    return int(major), int(minor)
+
+
+def require_torch(version: str, feature: str) -> None:
+    """Raise :class:`UnsupportedVersionError` if torch is older than ``version``.
+
+    Args:
+        version: ``'MAJOR.MINOR'``, e.g. ``'2.6'``.
+        feature: What needs it, put in the message.
+    """
+    want = tuple(int(v) for v in version.split('.')[:2])
+    if torch_version() < want:
+        raise UnsupportedVersionError(f'{feature} needs torch >= {version}, this is torch '
+                                      f'{torch.__version__}')
+
+
+# torch.compiler.is_compiling: torch 2.3 (torch._dynamo.is_compiling before).
+def is_compiling() -> bool:
+    """Whether the code runs under ``torch.compile``/``torch.export`` tracing."""
+    compiler = getattr(torch, 'compiler', None)
+    fn: Optional[Callable[[], bool]] = getattr(compiler, 'is_compiling', None)
+    if fn is None:
+        dynamo = getattr(torch, '_dynamo', None)
+        fn = getattr(dynamo, 'is_compiling', None)
+    return bool(fn()) if fn is not None else False
+
+
+# torch.is_autocast_enabled(device_type): torch 2.4 (before: no argument = CUDA,
+# torch.is_autocast_cpu_enabled() for CPU).
+def is_autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``'cpu'``, ``'cuda'`` ...)."""
+    if torch_version() >= (2, 4):
+        return torch.is_autocast_enabled(device_type)
+    if device_type == 'cpu':
+        return torch.is_autocast_cpu_enabled()
+    if device_type == 'cuda':
+        return torch.is_autocast_enabled()
+    return False
+
+
+def no_autocast(device_type: str) -> ContextManager:
+    """A context that disables autocast on ``device_type`` if it is on there."""
+    if is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# torch.serialization.add_safe_globals: torch 2.4.
+def has_add_safe_globals() -> bool:
+    """Whether torch's weights-only unpickler takes extra allowed globals (torch >= 2.4)."""
+    return hasattr(torch.serialization, 'add_safe_globals')
+
+
+def add_safe_globals(items: Iterable[Any]) -> bool:
+    """``torch.serialization.add_safe_globals(items)`` where torch has it.
+
+    Returns:
+        bool: Whether they were added (False on torch < 2.4).
+    """
+    if not has_add_safe_globals():
+        return False
+    torch.serialization.add_safe_globals(list(items))
+    return True
