@@ -1,7 +1,7 @@
 """Put a Polarized Self-Attention into every residual block of a built backbone.
 
-One mechanism for mmseg's and mmpose's ResNet and HRNet alike (it imports neither
-library): the PSA goes after the first 3x3 conv + norm + ReLU of each residual block,
+One mechanism for mmseg's and mmpose's ResNet and HRNet (and timm's) alike (it imports
+none of them, nor mmengine): the PSA goes after the first 3x3 conv + norm + ReLU of each residual block,
 i.e. it becomes the input of the block's next conv -- ``conv2`` of a BasicBlock,
 ``conv3`` of a Bottleneck (`Polarized Self-Attention <https://arxiv.org/abs/2107.00782>`_).
 
@@ -26,7 +26,6 @@ import functools
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
-from mmengine.model import initialize
 from torch import nn
 
 from .layers import PSA_DEFAULTS, PolarizedSelfAttention, check_psa_cfg
@@ -287,4 +286,5 @@ class PSABackboneMixin:
             cfgs = [cfgs]
         pretrained = [cfg for cfg in cfgs if _is_pretrained(cfg)]
         if pretrained:
+            from mmengine.model import initialize  # a PSA backbone is an mmengine BaseModule
             initialize(self, pretrained)

@@ -179,4 +179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "for tests).",
         py::arg("x"), py::arg("paper"), py::arg("sequential"), py::arg("eps"),
         py::arg("params"), py::arg("cpu_kernel") = true);
+  m.def("uses_cpu_kernel", &mmpsa::use_cpu_kernel,
+        "Whether fused_psa(x, ..., cpu_kernel=True) evaluates x with the per-sample CPU "
+        "kernel (paper variant and official PSA_p; otherwise its ATen-op path)",
+        py::arg("x"));
 }

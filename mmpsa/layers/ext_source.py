@@ -1,7 +1,7 @@
 """The source hash of ``mmpsa._ext``: which C++ sources a binary was built from.
 
 ``setup.py`` compiles the hash of ``mmpsa/csrc`` into the extension and
-:func:`mmpsa.layers.psa_fused._load_extension` compares it with the sources beside the
+:func:`mmpsa.layers.dispatch._load_extension` compares it with the sources beside the
 package, so a binary built from other code is refused. Both use :func:`source_hash`;
 ``setup.py`` loads this file by path (it imports nothing but the standard library).
 """

@@ -4,10 +4,11 @@ The small tensors of the block (softmaxes, LayerNorms, the per-sample vectors of
 fused form) are computed in at least fp32, whatever the input dtype or autocast says;
 the output and the attention maps are in the input's dtype.
 """
-import contextlib
 from typing import ContextManager
 
 import torch
+
+from .. import compat
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,7 +29,4 @@ def no_autocast(t: torch.Tensor) -> ContextManager:
     Args:
         t (Tensor): A tensor on the device in question.
     """
-    dev = t.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
+    return compat.no_autocast(t.device.type)

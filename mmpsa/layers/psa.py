@@ -17,17 +17,35 @@ resolution; the test oracle) and a fused form (``fused=True``, the default) that
 the linearity of the 1x1 convs to touch the input only a few times; see
 :mod:`mmpsa.layers.psa_fused`. Both have the same parameters and state_dict.
 """
+import importlib.util
 import inspect
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.model import BaseModule
-from mmengine.registry import MODELS
 
-from . import psa_fused
+from . import dispatch, psa_fused
 from .precision import acc_dtype, no_autocast
+
+#: Whether mmengine is installed: the block is then an mmengine ``BaseModule`` registered in
+#: its root ``MODELS`` (so ``type='PolarizedSelfAttention'`` builds in mmseg's and mmpose's
+#: scopes), otherwise a plain ``nn.Module`` (the layer needs torch alone, as timm's do).
+WITH_MMENGINE = importlib.util.find_spec('mmengine') is not None
+if WITH_MMENGINE:
+    from mmengine.model import BaseModule as _Base
+    from mmengine.registry import MODELS
+else:
+    _Base = nn.Module
+
+    class _NoRegistry:
+        """Stands in for mmengine's ``MODELS`` when mmengine is not installed."""
+
+        @staticmethod
+        def register_module():
+            return lambda cls: cls
+
+    MODELS = _NoRegistry()
 
 _MODES = ('parallel', 'sequential')
 _NO_PARAMS = {'weight': None, 'bias': None}  # an absent submodule in fused_params
@@ -51,7 +69,7 @@ def _layer_norm(ln: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
 
 
 @MODELS.register_module()
-class PolarizedSelfAttention(BaseModule):
+class PolarizedSelfAttention(_Base):
     """Polarized Self-Attention block (https://arxiv.org/abs/2107.00782).
 
     Output shape = input shape ``(B, C, H, W)``. The channel attention ``a_ch``
@@ -62,7 +80,8 @@ class PolarizedSelfAttention(BaseModule):
 
     ``fused=True`` runs a fused custom autograd Function (same parameters and
     results; see :mod:`mmpsa.layers.psa_fused`); under ``torch.jit`` tracing and
-    ``torch.compile``/``torch.export`` it runs the same fused math as plain ops.
+    ``torch.compile``/``torch.export`` it runs the same fused math as plain ops. Which
+    path runs is decided by :mod:`mmpsa.layers.dispatch` and recorded in ``last_path``.
 
     Initialisation (:meth:`init_weights`, also applied at construction):
 
@@ -83,7 +102,13 @@ class PolarizedSelfAttention(BaseModule):
         fused (bool): Use the fused evaluation (same result, much faster). ``False``
             selects the literal form. Default: ``True``.
         init_cfg (dict | list[dict], optional): mmengine init config, applied after
-            the block's own init. Default: ``None``.
+            the block's own init; needs mmengine (the block is an mmengine ``BaseModule``
+            when mmengine is installed, a plain ``nn.Module`` otherwise). Default: ``None``.
+
+    Attributes:
+        last_path (str | None): The path the last forward took: ``'literal'``, or the fused
+            one that :mod:`mmpsa.layers.dispatch` chose (``'plain'``, ``'aten'``, ``'cpu'``,
+            ``'triton'``); None before the first forward.
     """
 
     _abbr_ = 'psa'
@@ -94,7 +119,14 @@ class PolarizedSelfAttention(BaseModule):
                  variant: str = 'paper',
                  fused: bool = True,
                  init_cfg: Optional[Union[dict, list]] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
+        if WITH_MMENGINE:
+            super().__init__(init_cfg=init_cfg)
+        elif init_cfg is not None:
+            raise ValueError('init_cfg needs mmengine (pip install mmengine), which is not '
+                             f'installed; got init_cfg={init_cfg!r}')
+        else:
+            super().__init__()
+            self.init_cfg = None
         if mode not in _MODES:
             raise ValueError(f'mode must be one of {_MODES}, got {mode!r}')
         if variant not in _VARIANTS:
@@ -113,6 +145,7 @@ class PolarizedSelfAttention(BaseModule):
         self.mode = mode
         self.variant = variant
         self.fused = fused
+        self.last_path: Optional[str] = None
 
         c, c2 = in_channels, in_channels // 2
         if variant == 'paper':
@@ -159,6 +192,8 @@ class PolarizedSelfAttention(BaseModule):
                 m.reset_parameters()
         if self.variant == 'official':
             self._init_official_qv()
+        if not WITH_MMENGINE:
+            return
         if self.init_cfg:
             self._is_init = False
             super().init_weights()
@@ -217,7 +252,8 @@ class PolarizedSelfAttention(BaseModule):
             raise ValueError(f'x must have in_channels={self.in_channels} '
                              f'channels, got shape {tuple(x.shape)!r}')
         if self.fused:
-            return psa_fused.fused_forward(self, x)
+            return dispatch.fused_forward(self, x)
+        self.last_path = 'literal'
         return self.forward_literal(x)
 
     def forward_literal(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,26 +33,24 @@ Where it runs:
   glue was a third of the step).
 * CUDA tensors run the Triton kernels of :mod:`mmpsa.layers.psa_triton` (every variant;
   the same vector maths as here between their passes over X).
-* :func:`_plain` is the same maths as plain differentiable ops. It runs under
+* :func:`plain_psa` is the same maths as plain differentiable ops. It runs under
   ``torch.jit`` tracing and ``torch.compile``/``torch.export`` (a custom Function would
   be opaque there; mmengine's FLOPs count would miss it), and, with a warning, when
   the extension is not built.
+
+Which of them runs is decided in one place, :mod:`mmpsa.layers.dispatch`; this module
+holds only the maths, and the Triton module imports it (never the reverse).
 
 Every evaluation takes the block's parameters in one named form, :class:`PSAParams`
 (built by :meth:`PolarizedSelfAttention.fused_params`), and gives the observation points
 ``ch_attn``/``sp_attn`` maps in the input's dtype that are fresh tensors: a forward hook
 may edit them in place without touching the output or backward.
 """
-import importlib
-import os
-import os.path as osp
-import warnings
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .ext_source import CSRC_DIR, source_hash
 from .precision import acc_dtype, no_autocast
 
 Tensor = torch.Tensor
@@ -116,19 +114,19 @@ def _casts(xd: torch.dtype, acc: torch.dtype):
     return (lambda t: t.to(xd)), (lambda t: t.to(acc))
 
 
-def _for_hooks(a: Tensor, dtype: torch.dtype) -> Tensor:
+def maps_for_hooks(a: Tensor, dtype: torch.dtype) -> Tensor:
     """A map as hooks see it: a fresh tensor in the input's dtype, outside the graph."""
     return a.detach().to(dtype, copy=True)
 
 
-def _pixel_weights(r: Tensor, prm: PSAParams) -> Tensor:
+def pixel_weights(r: Tensor, prm: PSAParams) -> Tensor:
     """``p = softmax_HW(w_q^T X + b_q)`` from ``r = w_q^T X`` ``(B, HW)``."""
     if prm.ch_bq is not None:  # cancels in the softmax; kept for autograd
         r = r + prm.ch_bq.to(r.dtype)
     return torch.softmax(r, -1)
 
 
-def _channel_map(xp: Tensor, prm: PSAParams) -> Tensor:
+def channel_map(xp: Tensor, prm: PSAParams) -> Tensor:
     """``a_ch`` ``(B, C)`` from ``X p`` ``(B, C)``, in ``xp``'s dtype."""
     acc = xp.dtype
     v = _linear(xp, prm.ch_wv, prm.ch_bv, acc)  # (B, C/2)
@@ -142,12 +140,12 @@ def _channel_map(xp: Tensor, prm: PSAParams) -> Tensor:
     return torch.sigmoid(z)
 
 
-def _spatial_query(g: Tensor, a_ch: Tensor, prm: PSAParams, seq: bool) -> Tensor:
+def spatial_query(g: Tensor, a_ch: Tensor, prm: PSAParams, seq: bool) -> Tensor:
     """``W_sq GP + b_sq`` ``(B, C/2)`` from ``g = GP(X)``; sequential: GP of ``a_ch * X``."""
     return _linear(g * a_ch if seq else g, prm.sp_wq, prm.sp_bq, g.dtype)
 
 
-def _spatial_vector(sq: Tensor, a_ch: Tensor, prm: PSAParams, paper: bool,
+def spatial_vector(sq: Tensor, a_ch: Tensor, prm: PSAParams, paper: bool,
                     seq: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """``(u, b)`` with the spatial logits ``u^T X + b`` (paper variant, official PSA_p).
 
@@ -164,14 +162,14 @@ def _spatial_vector(sq: Tensor, a_ch: Tensor, prm: PSAParams, paper: bool,
     return (u * a_ch if seq else u), bias
 
 
-def _spatial_map(lg: Tensor, bias: Optional[Tensor], paper: bool) -> Tensor:
+def spatial_map(lg: Tensor, bias: Optional[Tensor], paper: bool) -> Tensor:
     """``a_sp`` ``(B, HW)`` from the logits ``u^T X`` (paper variant, official PSA_p)."""
     if paper:
         return torch.sigmoid(lg if bias is None else lg + bias)
     return torch.sigmoid(torch.softmax(lg, -1))
 
 
-def _sequential_spatial_map(x3: Tensor, a_ch: Tensor, sq: Tensor, prm: PSAParams) -> Tensor:
+def sequential_spatial_map(x3: Tensor, a_ch: Tensor, sq: Tensor, prm: PSAParams) -> Tensor:
     """Official PSA_s's ``a_sp`` ``(B, HW)`` from ``X`` ``(B, C, HW)``: the softmax over the
     pixels of each channel of ``W_v(a_ch * X) = (W_v diag(a_ch)) X`` (which does not fuse),
     weighted by ``sq`` ``(B, C/2)``; ``a_ch * X`` is never materialised."""
@@ -181,13 +179,13 @@ def _sequential_spatial_map(x3: Tensor, a_ch: Tensor, sq: Tensor, prm: PSAParams
     return torch.sigmoid(torch.bmm(sq.unsqueeze(1), theta)).view(x3.shape[0], -1)
 
 
-def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, Tensor, Tensor]:
+def plain_psa(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused math with plain differentiable ops (tracing, compile, export,
     and the fallback when ``mmpsa._ext`` is not built): ``(out, a_ch, a_sp)``.
 
     Same evaluation order as the compiled Function's forward, with batched matmuls
     (which mmengine's FLOPs analysis counts correctly). The maps are as
-    :func:`fused_function` returns them.
+    :func:`mmpsa.layers.dispatch.fused_function` returns them.
     """
     b, c, h, w = x.shape
     n = h * w
@@ -196,150 +194,16 @@ def _plain(x: Tensor, paper: bool, seq: bool, prm: PSAParams) -> Tuple[Tensor, T
     x3 = x.reshape(b, c, n)
     with no_autocast(x):
         wq = X(prm.ch_wq).view(1, 1, c).expand(b, 1, c)
-        p = _pixel_weights(A(torch.bmm(wq, x3)).view(b, n), prm)  # (B, HW)
+        p = pixel_weights(A(torch.bmm(wq, x3)).view(b, n), prm)  # (B, HW)
         xp = A(torch.bmm(x3, X(p).unsqueeze(-1)).view(b, c))  # X p
         g = x3.mean(-1, dtype=acc)  # GP(X)
-        a_ch = _channel_map(xp, prm)  # (B, C)
-        sq = _spatial_query(g, a_ch, prm, seq)  # (B, C/2)
+        a_ch = channel_map(xp, prm)  # (B, C)
+        sq = spatial_query(g, a_ch, prm, seq)  # (B, C/2)
         if paper or not seq:
-            u, bias = _spatial_vector(sq, a_ch, prm, paper, seq)
-            a_sp = _spatial_map(A(torch.bmm(X(u).unsqueeze(1), x3)).view(b, n), bias, paper)
+            u, bias = spatial_vector(sq, a_ch, prm, paper, seq)
+            a_sp = spatial_map(A(torch.bmm(X(u).unsqueeze(1), x3)).view(b, n), bias, paper)
         else:
-            a_sp = _sequential_spatial_map(x3, a_ch, sq, prm)
+            a_sp = sequential_spatial_map(x3, a_ch, sq, prm)
     a_ch4, a_sp4 = X(a_ch).view(b, c, 1, 1), X(a_sp).view(b, 1, h, w)
     out = x * a_ch4 * a_sp4 if seq else x * a_ch4 + x * a_sp4
-    return out, _for_hooks(a_ch4, xd), _for_hooks(a_sp4, xd)
-
-
-def _load_extension():
-    """``mmpsa._ext``, or None (with a warning) when it is missing or stale."""
-    try:
-        _ext = importlib.import_module('mmpsa._ext')
-    except ImportError as e:
-        warnings.warn('mmpsa._ext (the compiled fused PolarizedSelfAttention) is not built '
-                      f'({e}); the fused block runs as plain autograd ops, which is slower. '
-                      'Build it with `pip install --no-build-isolation -e .` (or `make setup`).')
-        return None
-    if osp.isdir(CSRC_DIR):  # a source checkout: refuse a binary built from other code
-        digest = source_hash(CSRC_DIR)
-        if digest != _ext.SOURCE_HASH:
-            warnings.warn(f'mmpsa._ext was built from another version of {CSRC_DIR} (hash '
-                          f'{_ext.SOURCE_HASH}, source {digest}); the fused block runs as '
-                          'plain autograd ops until it is rebuilt with `pip install '
-                          '--no-build-isolation -e .` (or `make setup`).')
-            return None
-    if tuple(_ext.PARAM_NAMES) != PARAM_NAMES:
-        raise RuntimeError(f'mmpsa._ext takes the parameters {tuple(_ext.PARAM_NAMES)}, PSAParams '
-                           f'lists {PARAM_NAMES}: mmpsa/csrc/psa_fused.h and psa_fused.py disagree')
-    return _ext
-
-
-_EXT = _load_extension()
-
-
-def fused_function(x: Tensor,
-                   variant: str,
-                   sequential: bool,
-                   params: PSAParams,
-                   cpu_kernel: bool = True) -> List[Tensor]:
-    """The compiled autograd Function: ``[out, a_ch, a_sp]``.
-
-    Args:
-        x (Tensor): Input ``(B, C, H, W)``.
-        variant (str): ``'paper'`` or ``'official'``.
-        sequential (bool): Sequential (True) or parallel mode.
-        params (PSAParams): The block's parameters (:meth:`fused_params`).
-        cpu_kernel (bool): Take the per-sample CPU kernel where it applies; False forces
-            the ATen path. Default: True.
-
-    Returns:
-        list[Tensor]: The output and the maps ``a_ch`` ``(B, C, 1, 1)`` and ``a_sp``
-        ``(B, 1, H, W)``: in ``x``'s dtype, non-differentiable, and tensors of their
-        own (not views of what backward keeps), for the observation points.
-    """
-    if _EXT is None:
-        raise RuntimeError('mmpsa._ext is not built; see the warning above')
-    return _EXT.fused_psa(
-        x, variant == 'paper', sequential, params.ln_eps, params.tensors, cpu_kernel=cpu_kernel)
-
-
-#: The values of ``MMPSA_BACKEND``, the switch that picks the fused evaluation.
-BACKENDS = ('auto', 'triton', 'cpu', 'aten', 'plain')
-
-
-def backend() -> str:
-    """The fused evaluation path asked for by the environment variable ``MMPSA_BACKEND``.
-
-    ``auto`` (the default): the Triton kernels for CUDA tensors (when triton is importable
-    and ``psa_triton.unsupported`` finds nothing), else the compiled Function (its CPU
-    kernel where it applies, its ATen path elsewhere), else plain ops; ``triton``, ``cpu``
-    (the compiled Function, CPU tensors), ``aten`` (its ATen path) and ``plain`` force one
-    path and raise where it cannot run. Read on every fused forward, here only.
-
-    Returns:
-        str: One of :data:`BACKENDS`.
-    """
-    value = os.environ.get('MMPSA_BACKEND', 'auto').strip().lower() or 'auto'
-    if value not in BACKENDS:
-        raise ValueError(f'MMPSA_BACKEND must be one of {BACKENDS}, got {value!r}')
-    return value
-
-
-_TRITON: list = []  # [module or None] once looked up
-
-
-def triton_module():
-    """:mod:`mmpsa.layers.psa_triton`, imported on first use; None when triton is not
-    importable (CPU-only torch wheels have none)."""
-    if not _TRITON:
-        try:
-            _TRITON.append(importlib.import_module('mmpsa.layers.psa_triton'))
-        except ImportError:
-            _TRITON.append(None)
-    return _TRITON[0]
-
-
-def _use_triton(x: Tensor, paper: bool, seq: bool, forced: bool) -> bool:
-    """Whether the Triton kernels evaluate ``x``; ``forced``: raise where they cannot."""
-    if not (forced or x.is_cuda):
-        return False
-    kernels = triton_module()
-    if kernels is None:
-        if forced:
-            raise RuntimeError('MMPSA_BACKEND=triton, but triton is not importable')
-        return False
-    reason = kernels.unsupported(x, paper, seq)
-    if reason is None and not (x.is_cuda or kernels.INTERPRET):
-        reason = (f'the Triton kernels run CUDA tensors, and CPU tensors only under '
-                  f'TRITON_INTERPRET=1 (set before mmpsa.layers.psa_triton is imported); '
-                  f'got a {x.device.type} tensor')
-    if reason is not None and forced:
-        raise RuntimeError(f'MMPSA_BACKEND=triton: {reason}; use MMPSA_BACKEND=auto or aten')
-    return reason is None
-
-
-def fused_forward(block, x: Tensor) -> Tensor:
-    """Evaluate ``block`` (a PolarizedSelfAttention) on ``x`` the fused way, down the path
-    :func:`backend` picks."""
-    params = block.fused_params()
-    paper, sequential = block.variant == 'paper', block.mode == 'sequential'
-    path = backend()
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or x.numel() == 0:
-        path = 'plain'
-    elif path == 'auto':
-        path = 'triton' if _use_triton(x, paper, sequential,
-                                       False) else ('plain' if _EXT is None else 'cpu')
-    elif path == 'triton':
-        _use_triton(x, paper, sequential, True)
-    elif path == 'cpu' and x.device.type != 'cpu':
-        raise RuntimeError(f'MMPSA_BACKEND=cpu runs CPU tensors only, got a {x.device.type} '
-                           'tensor (aten runs the compiled Function on any device)')
-    if path == 'plain':
-        out, a_ch, a_sp = _plain(x, paper, sequential, params)
-    elif path == 'triton':
-        out, a_ch, a_sp = triton_module().fused_psa(x, paper, sequential, params)
-    else:
-        out, a_ch, a_sp = fused_function(x, block.variant, sequential, params, path == 'cpu')
-    block.ch_attn(a_ch)
-    block.sp_attn(a_sp)
-    return out
+    return out, maps_for_hooks(a_ch4, xd), maps_for_hooks(a_sp4, xd)

@@ -4,7 +4,7 @@ The maths is :mod:`mmpsa.layers.psa_fused`'s: every attention map is a function 
 few reductions of X (the input as a (C, HW) matrix per sample), and the output is
 ``X * (a_ch + a_sp)`` (parallel) or ``X * a_ch * a_sp`` (sequential). Here the passes
 over X are Triton kernels, and the small per-sample vectors (``O(B (C + HW))``) are the
-torch ops of :mod:`~mmpsa.layers.psa_fused` (``_channel_map``, ``_spatial_query``, ...),
+torch ops of :mod:`~mmpsa.layers.psa_fused` (``channel_map``, ``spatial_query``, ...),
 so both paths share one statement of the maths.
 
 Each kernel program owns one sample and a run of pixels, and loads a tile of every
@@ -29,7 +29,7 @@ from the same load. The passes over X (and dOut), each one read:
 Official PSA_s takes the first pass, the output pass and the dX pass (its spatial term a
 C x HW tensor); its spatial map, a softmax over the pixels of each of the C/2 channels of
 ``W_v(a_ch * X)``, does not reduce to vectors and runs as two batched GEMMs
-(:func:`~mmpsa.layers.psa_fused._sequential_spatial_map`), recomputed in backward.
+(:func:`~mmpsa.layers.psa_fused.sequential_spatial_map`), recomputed in backward.
 
 Besides the input, forward keeps ``r``, ``a_sp`` (PSA_p: also the softmax) and the
 per-sample vectors. Everything is accumulated in ``promote(dtype, float32)`` (fp64 stays
@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .precision import acc_dtype, no_autocast
-from .psa_fused import (PSAParams, _channel_map, _for_hooks, _sequential_spatial_map,
-                        _spatial_query, _spatial_vector)
+from .psa_fused import (PSAParams, channel_map, maps_for_hooks, sequential_spatial_map,
+                        spatial_query, spatial_vector)
 
 Tensor = torch.Tensor
 
@@ -378,7 +378,7 @@ class _TritonPSA(torch.autograd.Function):
 
     Official PSA_s (``dense``): its spatial map, a softmax over the pixels of each of the
     C/2 channels of ``W_v(a_ch * X)``, is two batched GEMMs
-    (:func:`psa_fused._sequential_spatial_map`, cuBLAS on CUDA), recomputed in backward
+    (:func:`psa_fused.sequential_spatial_map`, cuBLAS on CUDA), recomputed in backward
     under autograd; its other passes are the kernels'."""
 
     @staticmethod
@@ -391,13 +391,13 @@ class _TritonPSA(torch.autograd.Function):
         with no_autocast(x):
             wq = prm.ch_wq.detach().flatten().to(geo.acc).contiguous()
             r, xp, g = _pool(xv, sx, wq, geo)
-            a_ch = _channel_map(xp, prm)
-            sq = _spatial_query(g, a_ch, prm, seq)
+            a_ch = channel_map(xp, prm)
+            sq = spatial_query(g, a_ch, prm, seq)
             if not paper and seq:  # official PSA_s
-                a_sp = _sequential_spatial_map(_pixels_view(xv, sx), a_ch, sq, prm)
+                a_sp = sequential_spatial_map(_pixels_view(xv, sx), a_ch, sq, prm)
                 _, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, a_sp, seq)
             else:
-                u, bias = _spatial_vector(sq, a_ch, prm, paper, seq)
+                u, bias = spatial_vector(sq, a_ch, prm, paper, seq)
                 u = u.contiguous()
                 if paper:
                     a_sp, out = _spatial(xv, sx, geo, _SIGMOID, u, bias, a_ch, None, seq)
@@ -408,8 +408,8 @@ class _TritonPSA(torch.autograd.Function):
                                          seq)
         ctx.save_for_backward(x, r, xp, g, a_ch, a_sp, sm, u, *tensors)
         ctx.flags = (paper, seq, eps)
-        a_ch4, a_sp4 = _for_hooks(a_ch.view(b, c, 1, 1),
-                                  x.dtype), _for_hooks(a_sp.view(b, 1, h, w), x.dtype)
+        a_ch4, a_sp4 = maps_for_hooks(a_ch.view(b, c, 1, 1),
+                                  x.dtype), maps_for_hooks(a_sp.view(b, 1, h, w), x.dtype)
         ctx.mark_non_differentiable(a_ch4, a_sp4)
         return out, a_ch4, a_sp4
 
@@ -456,11 +456,11 @@ class _TritonPSA(torch.autograd.Function):
             with torch.enable_grad():
                 prm = PSAParams(*_leaves(tensors, needs[4:]), eps)
                 xp_, g_ = _leaves((xp, g), (True, True))
-                a_ch_ = _channel_map(xp_, prm)
-                sq_ = _spatial_query(g_, a_ch_, prm, seq)
+                a_ch_ = channel_map(xp_, prm)
+                sq_ = spatial_query(g_, a_ch_, prm, seq)
                 if dense:  # the GEMMs again, X's part of the gradient as a tensor
                     x3_ = _pixels_view(xv, sx).detach().requires_grad_(needs[0])
-                    a_sp_ = _sequential_spatial_map(x3_, a_ch_, sq_, prm)
+                    a_sp_ = sequential_spatial_map(x3_, a_ch_, sq_, prm)
                     dxp, dg, dx3, *dprm = _grads([a_ch_, a_sp_], [xp_, g_, x3_, *prm.tensors],
                                                  [dach.sum(0), dsp])
                 else:
@@ -469,7 +469,7 @@ class _TritonPSA(torch.autograd.Function):
                     else:  # a_sp = sigmoid(sm), sm = softmax(lg)
                         s = dsp.sum(-1, keepdim=True)
                         dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
-                    u_, bias_ = _spatial_vector(sq_, a_ch_, prm, paper, seq)
+                    u_, bias_ = spatial_vector(sq_, a_ch_, prm, paper, seq)
                     dxp, dg, *dprm = _grads([a_ch_, u_, bias_], [xp_, g_, *prm.tensors],
                                             [dach.sum(0), du, dbias])
             # pass 2: w_q's gradient and dX
@@ -539,7 +539,7 @@ def fused_psa(x: Tensor, paper: bool, sequential: bool,
         params (PSAParams): The block's parameters.
 
     Returns:
-        tuple: The output and the maps, as :func:`psa_fused.fused_function` gives them.
+        tuple: The output and the maps, as :func:`mmpsa.layers.dispatch.fused_function` gives them.
     """
     reason = unsupported(x, paper, sequential)
     if reason is not None:

@@ -7,14 +7,13 @@ machine hit both forms alike.
 import contextlib
 import copy
 import math
-import os
 import statistics
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mmpsa.layers import PolarizedSelfAttention
+from mmpsa.layers import PolarizedSelfAttention, backend
 
 #: (C, H, W) per shape; batch 2. HRNet-like shapes first, then segmentation heads.
 HRNET_SHAPES: Tuple[Tuple[int, int, int],
@@ -127,33 +126,15 @@ def _block_and_input(
     return block, x, torch.randn(batch, c, h, w, dtype=dtype, device=device)
 
 
-@contextlib.contextmanager
-def fused_backend(value: Optional[str]) -> Iterator[None]:
-    """Set ``MMPSA_BACKEND`` to ``value`` (None: leave it) for the duration."""
-    old = os.environ.get('MMPSA_BACKEND')
-    if value is not None:
-        os.environ['MMPSA_BACKEND'] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop('MMPSA_BACKEND', None)
-        else:
-            os.environ['MMPSA_BACKEND'] = old
-
-
 #: What :func:`bench_paths` and :func:`parity` can run: the literal form, a fused block down
-#: one ``MMPSA_BACKEND`` value, and BatchNorm2d on the same tensor (the memory-bound
+#: one fused path (:func:`mmpsa.layers.backend`), and BatchNorm2d on the same tensor (the memory-bound
 #: reference; timing only).
 PATHS = ('literal', 'auto', 'triton', 'cpu', 'aten', 'plain', 'bn')
 
 
-def path_taken(out: torch.Tensor) -> str:
-    """Which evaluation produced ``out`` (a block's output that requires grad)."""
-    name = out.grad_fn.name() if out.grad_fn is not None else ''
-    if 'FusedPSA' in name:
-        return 'compiled'
-    return 'triton' if 'Triton' in name else 'plain/literal'
+def _on_path(path: str):
+    """The fused path ``path`` for the code inside (nothing to select for literal and BN)."""
+    return contextlib.nullcontext() if path in ('literal', 'bn') else backend(path)
 
 
 def _path_module(path: str, block: torch.nn.Module) -> torch.nn.Module:
@@ -191,27 +172,25 @@ def bench_paths(variant: str,
 
     Returns:
         dict: ``variant``, ``mode``, ``shape``, ``batch``, ``dtype``, ``times`` (path ->
-        seconds or the error), ``taken`` (path -> what ran, :func:`path_taken`).
+        seconds or the error), ``taken`` (path -> what ran: the block's ``last_path``).
     """
     block, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device)
     modules = {p: _path_module(p, block) for p in paths}
     times: Dict[str, Union[List[float], str]] = {}
     taken: Dict[str, str] = {}
     for path in paths:
-        backend = None if path in ('literal', 'bn') else path
         try:
-            with fused_backend(backend):
+            with _on_path(path):
                 for _ in range(3):
                     _step(modules[path], x, grad)
-                out = modules[path](x)
-            taken[path] = 'bn' if path == 'bn' else path_taken(out)
+            taken[path] = getattr(modules[path], 'last_path', 'bn')
             times[path] = []
         except (RuntimeError, ValueError) as e:
             times[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
     for _ in range(reps):
         for path in paths:
             if isinstance(times[path], list):
-                with fused_backend(None if path in ('literal', 'bn') else path):
+                with _on_path(path):
                     times[path].append(_step(modules[path], x, grad))
     return dict(
         variant=variant,
@@ -284,7 +263,7 @@ def parity(variant: str,
     errors: Dict[str, Union[float, str]] = {}
     for path in paths:
         try:
-            with fused_backend(path):
+            with backend(path):
                 got = run(block, x, grad)
             errors[path] = max(
                 ((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))

@@ -1,4 +1,8 @@
-"""Tests of the PolarizedSelfAttention block (mmpsa/layers/psa.py, psa_fused.py)."""
+"""Tests of the PolarizedSelfAttention block (mmpsa/layers/psa.py, psa_fused.py, dispatch.py).
+
+Also the oracle of the other block tests (``conftest.py`` loads it): :func:`make`,
+:func:`check_fused_vs_literal` ... build their blocks and inputs on :data:`DEVICE`.
+"""
 import copy
 import math
 import sys
@@ -9,7 +13,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmpsa.layers import PolarizedSelfAttention, psa_fused
+from mmpsa.layers import PolarizedSelfAttention, dispatch
+
+
+def pick_device(cuda_available=torch.cuda.is_available) -> torch.device:
+    """The device of the block tests: the first GPU if there is one, else the CPU."""
+    return torch.device('cuda') if cuda_available() else torch.device('cpu')
+
+
+def uses_interpreter(device: torch.device) -> bool:
+    """Whether the Triton kernels run under triton's interpreter for tensors on ``device``."""
+    return device.type != 'cuda'
+
+
+#: Where :func:`make` and :func:`check_fused_vs_literal` put blocks and inputs.
+DEVICE = pick_device()
+
+
+def randn(*shape, **kwargs) -> torch.Tensor:
+    """``torch.randn`` on :data:`DEVICE` (the CPU-kernel tests use the CPU explicitly)."""
+    return torch.randn(*shape, device=DEVICE, **kwargs)
 
 VARIANTS = ('paper', 'official')
 MODES = ('parallel', 'sequential')
@@ -26,7 +49,7 @@ def make(variant, mode, c=C, dtype=torch.float32, seed=0, perturb=0.0, **kw):
         with torch.no_grad():
             for p in block.parameters():
                 p.add_(perturb * torch.randn_like(p))
-    return block.to(dtype)
+    return block.to(DEVICE, dtype)
 
 
 def pair(variant, mode, **kw):
@@ -60,7 +83,7 @@ def fwd_bwd(block, x, grad, input_grad=True, autocast=None):
     """
     x = x.detach().requires_grad_(input_grad)
     block.zero_grad(set_to_none=True)
-    with torch.autocast('cpu', dtype=autocast, enabled=autocast is not None):
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
         out = block(x)
     out.backward(grad)
     grads = {n: p.grad for n, p in block.named_parameters()}
@@ -99,10 +122,10 @@ def check_fused_vs_literal(variant,
     ``dtype`` (then laid out by ``LAYOUTS[layout]``)."""
     fused, literal = pair(variant, mode, c=shape[1], dtype=dtype, perturb=perturb)
     torch.manual_seed(1)
-    x = torch.randn(*shape, dtype=dtype)
+    x = torch.randn(*shape, dtype=dtype, device=DEVICE)
     if layout is not None:
         x = LAYOUTS[layout](x)
-    grad = torch.randn(x.shape, dtype=dtype)
+    grad = torch.randn(x.shape, dtype=dtype, device=DEVICE)
     ref = fwd_bwd(literal, x, grad, input_grad)
     assert_matches(fwd_bwd(fused, x, grad, input_grad), ref, rtol)
 
@@ -113,7 +136,7 @@ def check_fused_vs_literal(variant,
 @pytest.mark.parametrize('shape', [(2, C, 6, 4), (1, C, 5, 3), (1, C, 1, 1)])
 def test_output_shape(variant, mode, fused, shape):
     block = make(variant, mode, fused=fused)
-    x = torch.randn(*shape)
+    x = randn(*shape)
     out = block(x)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all()
@@ -211,7 +234,7 @@ def test_literal_paper_is_the_equations(mode):
     with torch.no_grad():  # non-trivial LayerNorm affine
         block.ln.weight.uniform_(0.5, 1.5)
         block.ln.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(2, C, 5, 7, dtype=torch.float64)
+    x = randn(2, C, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(block(x), paper_equations(block, x), rtol=1e-12, atol=1e-12)
 
 
@@ -298,7 +321,7 @@ def test_literal_official_is_the_released_ops(mode):
         for p in ref.conv_up.parameters():
             p.normal_(0, 0.3)
     block.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(2, C, 5, 7, dtype=torch.float64)
+    x = randn(2, C, 5, 7, dtype=torch.float64)
     torch.testing.assert_close(block(x), ref(x), rtol=1e-13, atol=1e-13)
 
 
@@ -344,12 +367,12 @@ def kernel_taken(x, params, **kw):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        a_ch = psa_fused._EXT.fused_psa(x, True, False, params.ln_eps, params.tensors, **kw)[1]
+        a_ch = dispatch.extension().fused_psa(x, True, False, params.ln_eps, params.tensors, **kw)[1]
     return len(own) <= 2, a_ch
 
 
 def test_cpu_kernel_is_taken_where_it_applies():
-    block = make('paper', 'parallel')
+    block = make('paper', 'parallel').cpu()
     params = block.fused_params()
     x = torch.randn(2, C, 6, 5)
     taken_a, a = kernel_taken(x, params)
@@ -363,7 +386,7 @@ def test_cpu_kernel_is_taken_where_it_applies():
 def test_cpu_kernel_size_rule():
     # one large image on two threads goes to ATen's multithreaded ops; a batch that
     # fills the threads, or at most 2^18 elements per sample, to the kernel
-    params = make('paper', 'parallel', c=8).fused_params()
+    params = make('paper', 'parallel', c=8).cpu().fused_params()
     torch.set_num_threads(2)
     assert kernel_taken(torch.randn(1, 8, 512, 64), params)[0]  # 2^18 elements
     assert not kernel_taken(torch.randn(1, 8, 512, 66), params)[0]
@@ -377,7 +400,7 @@ def test_cpu_kernel_two_threads(variant, mode, shape):
     # as in real use: the kernel splits the batch over the threads (1: one thread idle;
     # 3: unevenly) and the rows of the weight gradients (C = 512: more than one share)
     torch.set_num_threads(2)
-    params = make('paper', 'parallel', c=shape[1]).fused_params()
+    params = make('paper', 'parallel', c=shape[1]).cpu().fused_params()
     assert kernel_taken(torch.randn(*shape), params)[0]
     check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11, shape=shape, perturb=0.3)
 
@@ -391,7 +414,7 @@ def test_fused_function_gradcheck(variant, mode, fused_path):
     block = make(variant, mode, c=c, dtype=torch.float64, perturb=0.3)
     names = [name for name, _ in block.named_parameters()]
     leaves = [p.detach().clone().requires_grad_() for p in block.parameters()]
-    x = torch.randn(2, c, 3, 2, dtype=torch.float64, requires_grad=True)
+    x = randn(2, c, 3, 2, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *leaves):
         return torch.func.functional_call(block, dict(zip(names, leaves)), (x, ))
@@ -406,20 +429,21 @@ def test_fused_function_gradcheck(variant, mode, fused_path):
 
 def test_compiled_extension_is_built_and_used():
     # CI builds mmpsa._ext; a silent fall back to plain ops would hide a broken build
-    assert psa_fused._EXT is not None
-    block = make('paper', 'parallel')
+    assert dispatch.extension() is not None
+    block = make('paper', 'parallel').cpu()
     out = block(torch.randn(1, C, 3, 4, requires_grad=True))
     assert out.grad_fn.name() == 'torch::autograd::CppNode<mmpsa::FusedPSA>'
+    assert block.last_path == 'cpu'
 
 
 def test_without_extension_runs_plain_ops(monkeypatch):
-    monkeypatch.setattr(psa_fused, '_EXT', None)
+    monkeypatch.setattr(dispatch, '_EXT', None)
     for variant, mode in ALL:
         check_fused_vs_literal(variant, mode, torch.float64, rtol=1e-11)
     with pytest.raises(RuntimeError, match='not built'):
-        psa_fused.fused_function(
+        dispatch.fused_function(
             torch.randn(1, 8, 2, 2), 'paper', False,
-            make('paper', 'parallel', c=8).fused_params())
+            make('paper', 'parallel', c=8).cpu().fused_params())
 
 
 def test_stale_extension_is_refused(monkeypatch):
@@ -431,10 +455,10 @@ def test_stale_extension_is_refused(monkeypatch):
 
     monkeypatch.setitem(sys.modules, 'mmpsa._ext', Stale)
     with pytest.warns(UserWarning, match='another version'):
-        assert psa_fused._load_extension() is None
+        assert dispatch._load_extension() is None
     monkeypatch.setitem(sys.modules, 'mmpsa._ext', None)  # import fails
     with pytest.warns(UserWarning, match='not built'):
-        assert psa_fused._load_extension() is None
+        assert dispatch._load_extension() is None
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
@@ -448,19 +472,19 @@ def test_plain_fused_path_matches_literal(variant, mode, monkeypatch):
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_jit_trace_runs_plain_ops(variant, mode):
     block = make(variant, mode)
-    x = torch.randn(2, C, 6, 5)
+    x = randn(2, C, 6, 5)
     traced = torch.jit.trace(block, x)
     # a custom autograd.Function would show up as prim::PythonOp (0 FLOPs in
     # mmengine's analysis); the trace must hold plain aten ops
     assert 'prim::PythonOp' not in str(traced.inlined_graph)
-    x2 = torch.randn(2, C, 6, 5)
+    x2 = randn(2, C, 6, 5)
     torch.testing.assert_close(traced(x2), block(x2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_fused_output_not_view_and_inplace_after(variant, mode):
     fused, literal = pair(variant, mode)
-    x = torch.randn(2, C, 5, 7)
+    x = randn(2, C, 5, 7)
     grads = []
     for block in (fused, literal):
         xi = x.clone().requires_grad_()
@@ -475,7 +499,7 @@ def test_fused_output_not_view_and_inplace_after(variant, mode):
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_no_grad_eval_deepcopy(variant, mode):
     fused, literal = pair(variant, mode)
-    x = torch.randn(2, C, 5, 7)
+    x = randn(2, C, 5, 7)
     ref = literal(x).detach()
     fused.eval()
     with torch.no_grad():
@@ -499,7 +523,7 @@ def test_input_without_grad(variant, mode, fused_path):
 
 def test_double_backward_refuses():
     block = make('paper', 'parallel')
-    x = torch.randn(1, C, 3, 3, requires_grad=True)
+    x = randn(1, C, 3, 3, requires_grad=True)
     (gx, ) = torch.autograd.grad(block(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
@@ -509,7 +533,7 @@ def test_double_backward_refuses():
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_attention_maps_through_identities(variant, mode):
     fused, literal = pair(variant, mode)
-    x = torch.randn(2, C, 5, 7)
+    x = randn(2, C, 5, 7)
     maps = []
     for block in (fused, literal):
         seen = {}
@@ -574,8 +598,8 @@ def test_half_matches_fp64(variant, mode, dtype, form):
     # half activations and parameters: the output and gradients in half
     block = make(variant, mode, perturb=0.3, fused=form != 'literal').to(dtype)
     torch.manual_seed(1)
-    x = torch.randn(2, C, 6, 5).to(dtype)
-    grad = torch.randn(2, C, 6, 5).to(dtype)
+    x = randn(2, C, 6, 5).to(dtype)
+    grad = randn(2, C, 6, 5).to(dtype)
     got = fwd_bwd(block, x, grad)
     assert got[0].dtype == got[1].dtype == dtype
     assert all(g.dtype == dtype for g in got[2].values())
@@ -602,8 +626,8 @@ def test_autocast_bf16(variant, mode, form):
     # LayerNorm in fp32, the output and input gradient in bf16, the rest in fp32
     block = make(variant, mode, perturb=0.3, fused=form != 'literal')
     torch.manual_seed(1)
-    x = torch.randn(2, C, 6, 5).bfloat16()
-    grad = torch.randn(2, C, 6, 5).bfloat16()
+    x = randn(2, C, 6, 5).bfloat16()
+    grad = randn(2, C, 6, 5).bfloat16()
     rec = DtypeRecorder()
     with rec:
         got = fwd_bwd(block, x, grad, autocast=torch.bfloat16)
@@ -622,7 +646,7 @@ def test_large_input_finite(variant, mode):
     for fused in (True, False):
         block = make(variant, mode, c=8, fused=fused)
         with torch.no_grad():
-            with torch.autocast('cpu', dtype=torch.bfloat16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                 assert torch.isfinite(block(x)).all()
             if fused:
                 assert torch.isfinite(block(x)).all()
@@ -694,7 +718,7 @@ def test_bad_arguments(kwargs, word):
 def test_bad_inputs(shape, fused):
     block = PolarizedSelfAttention(8, fused=fused)
     with pytest.raises(ValueError, match='x') as err:
-        block(torch.randn(*shape))
+        block(randn(*shape))
     assert repr(tuple(shape)) in str(err.value)
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from mmpsa.layers import PolarizedSelfAttention, psa_fused
+from mmpsa.layers import PolarizedSelfAttention, dispatch, psa_fused
 from mmpsa.layers.ext_source import CSRC_DIR, source_hash
 
 VARIANTS = ('paper', 'official')
@@ -62,7 +62,7 @@ def test_source_hash_covers_every_file(tmp_path):
     src = tmp_path / 'csrc'
     shutil.copytree(CSRC_DIR, src)
     base = source_hash(str(src))
-    assert base == source_hash(CSRC_DIR) == psa_fused._EXT.SOURCE_HASH
+    assert base == source_hash(CSRC_DIR) == dispatch.extension().SOURCE_HASH
     names = sorted(p.name for p in src.iterdir())
     assert {'psa_fused.h', 'psa_fused.cpp'} <= set(names)
     for name in names:
@@ -107,14 +107,13 @@ def run_with_hooks(block, x, edit=None):
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('variant,mode', ALL)
-def test_maps_have_the_input_dtype_on_every_path(variant, mode, dtype, monkeypatch, set_fused_path):
+def test_maps_have_the_input_dtype_on_every_path(variant, mode, dtype, set_fused_path):
     x = torch.randn(2, C, 5, 7, dtype=dtype)
     maps = {}
     for path in PATHS:
         block = make(variant, mode, dtype=dtype, fused=path != 'literal')
-        with monkeypatch.context() as patch:
-            set_fused_path(path, patch)
-            maps[path] = run_with_hooks(block, x)[3]
+        set_fused_path(path)
+        maps[path] = run_with_hooks(block, x)[3]
         assert maps[path]['ch_attn'].dtype == dtype, path
         assert maps[path]['sp_attn'].dtype == dtype, path
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -1,13 +1,16 @@
-"""The MMPSA_BACKEND switch and the Triton kernels of the fused block
-(mmpsa/layers/psa_fused.py, psa_triton.py), run on CPU through triton's interpreter.
+"""The dispatch room (mmpsa/layers/dispatch.py) and the Triton kernels of the fused block
+(psa_triton.py): on CUDA tensors where a GPU is present, else on CPU through triton's
+interpreter.
 
 The interpreter is slow (about a second per block fwd+bwd at these shapes): the shapes
 are tiny, and each case is one comparison against the literal form.
 """
+import threading
+
 import pytest
 import torch
 
-from mmpsa.layers import PolarizedSelfAttention, psa_fused
+from mmpsa.layers import PolarizedSelfAttention, backend, dispatch
 
 C = 32  # official sequential: LayerNorm over C // 8 = 4 channels
 SUPPORTED = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
@@ -21,46 +24,131 @@ def triton_path(triton_kernels, set_fused_path):
     return triton_kernels
 
 
+@pytest.fixture
+def randn(block_oracle):
+    """``torch.randn`` on the device of the block tests."""
+    return block_oracle.randn
+
+
 # --------------------------------------------------------------- the switch
-def test_backend_reads_mmpsa_backend(monkeypatch):
+def test_selected_backend_reads_mmpsa_backend(monkeypatch):
     monkeypatch.delenv('MMPSA_BACKEND', raising=False)
-    assert psa_fused.backend() == 'auto'
-    for value in psa_fused.BACKENDS:
+    assert dispatch.selected_backend() == 'auto'
+    for value in dispatch.BACKENDS:
         monkeypatch.setenv('MMPSA_BACKEND', value.upper())
-        assert psa_fused.backend() == value
+        assert dispatch.selected_backend() == value
     monkeypatch.setenv('MMPSA_BACKEND', 'cuda')
     with pytest.raises(ValueError, match="MMPSA_BACKEND must be one of .* got 'cuda'"):
         PolarizedSelfAttention(8)(torch.randn(1, 8, 2, 2))
 
 
-def test_auto_takes_the_compiled_function_on_cpu(monkeypatch):
-    monkeypatch.setenv('MMPSA_BACKEND', 'auto')
-    out = PolarizedSelfAttention(8)(torch.randn(1, 8, 2, 2, requires_grad=True))
-    expected = 'CppNode<mmpsa::FusedPSA>' if psa_fused._EXT is not None else 'MulBackward0'
-    assert expected in out.grad_fn.name()
+def test_backend_context_overrides_the_variable_in_this_thread_only(monkeypatch):
+    monkeypatch.setenv('MMPSA_BACKEND', 'plain')
+    block = PolarizedSelfAttention(8)
+    x = torch.randn(1, 8, 2, 3)
+    seen = []
+    with backend('aten'):
+        block(x)
+        assert block.last_path == 'aten' and dispatch.selected_backend() == 'aten'
+        with backend('plain'):  # nested: the innermost wins, and is undone on exit
+            block(x)
+            assert block.last_path == 'plain'
+        assert dispatch.selected_backend() == 'aten'
+        other = threading.Thread(target=lambda: seen.append(dispatch.selected_backend()))
+        other.start()
+        other.join()
+    assert seen == ['plain']  # another thread reads the variable
+    assert dispatch.selected_backend() == 'plain'
+    import os
+    assert os.environ['MMPSA_BACKEND'] == 'plain'  # the variable itself is untouched
+    with pytest.raises(ValueError, match="backend name must be one of .* got 'gpu'"):
+        with backend('gpu'):
+            pass
+
+
+def test_last_path_records_what_ran():
+    # (the Triton branch: test_triton_path_is_taken; the mocked CUDA choice below)
+    x = torch.randn(2, 8, 2, 3)
+    literal = PolarizedSelfAttention(8, fused=False)
+    assert literal.last_path is None
+    literal(x)
+    assert literal.last_path == 'literal'
+    block = PolarizedSelfAttention(8)
+    block(x)  # auto on a CPU tensor: the compiled Function's per-sample kernel
+    assert block.last_path == ('cpu' if dispatch.extension() is not None else 'plain')
+    for path, want in [('plain', 'plain'), ('aten', 'aten'), ('cpu', 'cpu')]:
+        with backend(path):
+            block(x)
+        assert block.last_path == want
+    official_s = PolarizedSelfAttention(16, mode='sequential', variant='official')
+    with backend('cpu'):  # PSA_s has no per-sample kernel: the Function takes ATen ops
+        official_s(torch.randn(2, 16, 2, 3))
+    assert official_s.last_path == 'aten'
+    with backend('cpu'):  # neither does a channels_last input
+        block(x.contiguous(memory_format=torch.channels_last))
+    assert block.last_path == 'aten'
+    traced = torch.jit.trace(block, x, check_trace=False)
+    assert block.last_path == 'plain' and traced(x).shape == x.shape
+
+
+def test_auto_picks_triton_for_cuda_tensors_mocked(monkeypatch):
+    # the CUDA branch of auto, here without a GPU: a tensor that says it is CUDA
+    class Kernels:
+        INTERPRET = False
+
+        @staticmethod
+        def unsupported(x, paper, seq):
+            return None if x.shape[1] <= 8 else 'too wide'
+
+    class FakeCuda:
+        is_cuda = True
+        shape = (1, 8, 2, 2)
+        device = torch.device('cuda')
+
+        def numel(self):
+            return 32
+
+    monkeypatch.setattr(dispatch, '_TRITON', [Kernels, None])
+    assert dispatch.choose_path(FakeCuda(), True, False) == 'triton'
+    FakeCuda.shape = (1, 16, 2, 2)  # unsupported: auto leaves it to the compiled Function
+    assert dispatch.choose_path(FakeCuda(), True, False) == 'cpu' or dispatch.extension() is None
+    monkeypatch.setattr(dispatch, '_TRITON', [None, 'triton is not importable'])
+    FakeCuda.shape = (1, 8, 2, 2)
+    assert dispatch.choose_path(FakeCuda(), True, False) != 'triton'
+
+
+def test_old_triton_is_gated(monkeypatch):
+    monkeypatch.setattr(dispatch, '_TRITON', [])
+    monkeypatch.setattr(dispatch, 'triton_version', lambda: (2, 1))
+    with pytest.warns(UserWarning, match=r'need triton >= 3\.0, this is triton 2\.1'):
+        assert dispatch.triton_module() is None
+    with backend('triton'), pytest.raises(RuntimeError, match=r'triton >= 3\.0'):
+        PolarizedSelfAttention(8)(torch.randn(1, 8, 2, 2))
 
 
 def test_forced_paths_that_cannot_run_raise(monkeypatch):
     block = PolarizedSelfAttention(8)
-    monkeypatch.setenv('MMPSA_BACKEND', 'cpu')
-    with pytest.raises(RuntimeError, match='CPU tensors only, got a meta tensor'):
+    with backend('cpu'), pytest.raises(RuntimeError, match='CPU tensors only, got a meta tensor'):
         block(torch.empty(1, 8, 2, 2, device='meta'))
-    monkeypatch.setenv('MMPSA_BACKEND', 'triton')
-    monkeypatch.setattr(psa_fused, '_TRITON', [None])  # as without triton
-    with pytest.raises(RuntimeError, match='triton is not importable'):
+    monkeypatch.setattr(dispatch, '_TRITON', [None, 'triton is not importable'])
+    with backend('triton'), pytest.raises(RuntimeError, match='triton is not importable'):
+        block(torch.randn(1, 8, 2, 2))
+    monkeypatch.setattr(dispatch, '_EXT', None)
+    with backend('aten'), pytest.raises(RuntimeError, match='needs mmpsa._ext'):
         block(torch.randn(1, 8, 2, 2))
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(triton_kernels, monkeypatch):
-    monkeypatch.setenv('MMPSA_BACKEND', 'triton')
     monkeypatch.setattr(triton_kernels, 'INTERPRET', False)
-    with pytest.raises(RuntimeError, match='CPU tensors only under TRITON_INTERPRET=1'):
+    with backend('triton'), pytest.raises(RuntimeError,
+                                          match='CPU tensors only under TRITON_INTERPRET=1'):
         PolarizedSelfAttention(8)(torch.randn(1, 8, 2, 2))
 
 
-def test_triton_path_is_taken(triton_path):
-    out = PolarizedSelfAttention(8)(torch.randn(1, 8, 2, 3, requires_grad=True))
-    assert out.grad_fn.name() == '_TritonPSABackward'
+def test_triton_path_is_taken(triton_path, randn):
+    block = PolarizedSelfAttention(8).to(randn(1).device)
+    out = block(randn(1, 8, 2, 3, requires_grad=True))
+    assert out.grad_fn.name() == '_TritonPSABackward' and block.last_path == 'triton'
 
 
 # ------------------------------------------------- kernels vs literal form
@@ -77,10 +165,10 @@ def test_matches_literal_fp32_one_sample(variant, mode, triton_path, block_oracl
 
 
 @pytest.mark.parametrize('variant,mode', [('paper', 'sequential'), ('official', 'parallel')])
-def test_one_pixel(variant, mode, triton_path, block_oracle):
+def test_one_pixel(variant, mode, triton_path, block_oracle, randn):
     # HW = 1: a softmax over the pixels is 1, so the exact gradient of what feeds it is 0
     fused, literal = block_oracle.pair(variant, mode, c=C, dtype=torch.float64, perturb=0.3)
-    x, grad = torch.randn(2, 2, C, 1, 1, dtype=torch.float64)
+    x, grad = randn(2, 2, C, 1, 1, dtype=torch.float64)
     got, ref = block_oracle.fwd_bwd(fused, x, grad), block_oracle.fwd_bwd(literal, x, grad)
     names = (('ch_wq.weight', 'ch_wq.bias') if variant == 'paper' else
              ('conv_q_right.weight', 'conv_q_left.weight', 'conv_v_left.weight'))
@@ -100,15 +188,14 @@ def test_many_tiles_and_runs(variant, mode, triton_path, block_oracle, monkeypat
         variant, mode, torch.float64, rtol=1e-11, shape=(2, C, 13, 21), perturb=0.3)
 
 
-def test_channel_limit(triton_kernels, monkeypatch):
+def test_channel_limit(triton_kernels, monkeypatch, randn):
     # a tile holds every channel: auto leaves wider blocks to the compiled Function
     monkeypatch.setattr(triton_kernels, 'MAX_CHANNELS', 8)
-    x = torch.randn(1, 16, 2, 2)
+    x = randn(1, 16, 2, 2)
     assert 'at most 8 channels' in triton_kernels.unsupported(x, True, False)
-    monkeypatch.setenv('MMPSA_BACKEND', 'triton')
-    with pytest.raises(
+    with backend('triton'), pytest.raises(
             RuntimeError, match=r'MMPSA_BACKEND=triton: .* at most 8 channels \(.*\), got 16'):
-        PolarizedSelfAttention(16)(x)
+        PolarizedSelfAttention(16).to(x.device)(x)
 
 
 @pytest.mark.parametrize('layout', ['channels_last', 'transposed'])
@@ -138,11 +225,11 @@ def test_input_without_grad(mode, triton_path, block_oracle):
 
 @pytest.mark.parametrize('variant,mode', [('paper', 'parallel'), ('official', 'parallel'),
                                           ('official', 'sequential')])
-def test_expanded_grad_output(variant, mode, triton_path, block_oracle):
+def test_expanded_grad_output(variant, mode, triton_path, block_oracle, randn):
     # out.sum().backward() hands backward a stride-0 gradient
     fused, literal = block_oracle.pair(variant, mode, c=C, dtype=torch.float64, perturb=0.3)
-    x = torch.randn(2, C, 4, 3, dtype=torch.float64)
-    grad = torch.ones(1, dtype=torch.float64).expand(x.shape)
+    x = randn(2, C, 4, 3, dtype=torch.float64)
+    grad = torch.ones(1, dtype=torch.float64, device=x.device).expand(x.shape)
     assert grad.stride() == (0, 0, 0, 0)
     block_oracle.assert_matches(
         block_oracle.fwd_bwd(fused, x, grad), block_oracle.fwd_bwd(literal, x, grad), 1e-11)
@@ -153,12 +240,12 @@ def test_expanded_grad_output(variant, mode, triton_path, block_oracle):
                           (torch.bfloat16, torch.float32)],
     ids=['bf16', 'fp16', 'bf16-fp32-params'])  # the last: as under autocast
 @pytest.mark.parametrize('variant,mode', SUPPORTED)
-def test_half_matches_fp64(variant, mode, dtype, param_dtype, triton_path, block_oracle):
+def test_half_matches_fp64(variant, mode, dtype, param_dtype, triton_path, block_oracle, randn):
     # accumulated in fp32 like the CPU kernel: its measured tolerances (test_psa.py)
     block = block_oracle.make(variant, mode, perturb=0.3).to(param_dtype)
     torch.manual_seed(1)
-    x = torch.randn(2, 32, 6, 5).to(dtype)
-    grad = torch.randn(2, 32, 6, 5).to(dtype)
+    x = randn(2, 32, 6, 5).to(dtype)
+    grad = randn(2, 32, 6, 5).to(dtype)
     got = block_oracle.fwd_bwd(block, x, grad)
     assert got[0].dtype == got[1].dtype == dtype
     assert all(g.dtype == param_dtype for g in got[2].values())
