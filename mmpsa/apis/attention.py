@@ -151,22 +151,14 @@ def draw_attention(image: np.ndarray,
     return out_file
 
 
-def _scope_of(config) -> str:
-    from mmengine.config import Config
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
-    scope = cfg.get('default_scope')
-    if scope not in ('mmseg', 'mmpose'):
-        raise ValueError(f'config default_scope must be mmseg or mmpose, got {scope!r}')
-    return scope
-
-
 def visualize_attention(config,
                         checkpoint: Optional[str],
                         images: Sequence[str],
                         out_dir: str,
                         blocks: Optional[str] = None,
                         num_blocks: int = 4,
-                        device: str = 'cpu') -> List[Path]:
+                        device: str = 'cpu',
+                        allow_missing_psa: bool = False) -> List[Path]:
     """Run a seg or pose model on images and draw its PSA attention maps.
 
     Args:
@@ -177,19 +169,22 @@ def visualize_attention(config,
         blocks: A regular expression selecting blocks by name (default: spread).
         num_blocks: Without ``blocks``, how many blocks to draw.
         device: Torch device.
+        allow_missing_psa: A stock checkpoint for a PSA config is meant (the blocks draw
+            their initialisation).
 
     Returns:
         The written files.
     """
     import mmpsa  # noqa: F401  (registers the PSA models)
-    scope = _scope_of(config)
+    from mmpsa.checkpoint import build_model, scope_of
+    scope = scope_of(config)
+    model = build_model(
+        config, checkpoint, purpose='attention', device=device, allow_missing_psa=allow_missing_psa)
     if scope == 'mmseg':
-        from mmseg.apis import inference_model, init_model
-        model = init_model(config, checkpoint, device=device)
+        from mmseg.apis import inference_model
         run = lambda img: inference_model(model, img)  # noqa: E731
     else:
-        from mmpose.apis import inference_topdown, init_model
-        model = init_model(config, checkpoint, device=device)
+        from mmpose.apis import inference_topdown
         run = lambda img: inference_topdown(model, img)  # noqa: E731
     names = select_blocks(list(psa_blocks(model)), blocks, num_blocks)
     written = []

@@ -27,8 +27,8 @@ from mmengine.analysis import get_model_complexity_info
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
-from mmengine.registry import MODELS, DefaultScope
 
+from ..checkpoint import build_model_cfg
 from ..layers import PolarizedSelfAttention
 from .runner import load_config
 
@@ -176,8 +176,7 @@ def measure(cfg: Config,
         literal: Count each PSA block's literal form instead of its fused evaluation.
     """
     h, w = default_input_hw(cfg) if input_hw is None else (int(input_hw[0]), int(input_hw[1]))
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        model = MODELS.build(copy.deepcopy(cfg.model if model_cfg is None else model_cfg))
+    model = build_model_cfg(cfg, model_cfg)
     if getattr(model, 'auxiliary_head', None) is not None:
         model.auxiliary_head = None  # training only; mmseg's get_flops drops it too
     model = revert_sync_batchnorm(model).eval()  # SyncBN refuses CPU tensors

@@ -14,7 +14,9 @@ wraps with ``device_ids=None`` and uses plain BN for SyncBN, with
 :class:`~mmpsa.engine.SyncBuffersEveryIterHook` giving back what SyncBN gave: equal running
 statistics on every rank. On GPUs nothing changes.
 
-Nothing goes on silently wrong: checkpoints are verified (CRCs) before a run is built on them;
+Nothing goes on silently wrong: checkpoints are verified (CRCs) before a run is built on them,
+and the run reads every checkpoint (``load_from``, ``resume``, ``pretrained=`` URLs) through
+:func:`mmpsa.checkpoint.checkpoint_door`;
 :class:`~mmpsa.engine.PSACheckpointHook` records the PSA settings in every checkpoint and
 refuses a resume or a test with a checkpoint of another model; training first runs the cheap
 part of :func:`mmpsa.datasets.check.check_dataset` on the train split.
@@ -33,7 +35,7 @@ from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..checkpoint import verify_checkpoint_file
+from ..checkpoint import checkpoint_door, fetch_checkpoint, verify_checkpoint_file
 from ..datasets.check import check_dataset
 from ..engine.runner import add_custom_hook
 from ..utils.paths import PACKAGE_PREFIX, config_path
@@ -101,6 +103,7 @@ def set_resume(cfg: Config, resume: Optional[str]) -> None:
         cfg.resume = True
         cfg.load_from = resume
     if cfg.get('load_from'):
+        cfg.load_from = fetch_checkpoint(cfg.load_from)  # a URL: downloaded, then local
         verify_checkpoint_file(cfg.load_from)
     elif cfg.get('resume'):
         last = osp.join(cfg.work_dir, 'last_checkpoint')
@@ -284,8 +287,9 @@ def train(config: str,
         check_dataset(cfg, 'train', full=False).raise_if_bad()
     add_custom_hook(cfg, dict(type='PSACheckpointHook'))
     prepare_distributed(cfg)
-    runner = build_runner(cfg)
-    runner.train()
+    with checkpoint_door():  # load_from, resume and pretrained= URLs read through the door
+        runner = build_runner(cfg)
+        runner.train()
     return runner
 
 
@@ -318,6 +322,7 @@ def test(config: str,
     cfg = load_config(config, cfg_options)
     cfg.launcher = launcher
     set_work_dir(cfg, config, work_dir)
+    checkpoint = fetch_checkpoint(checkpoint)  # a URL: downloaded, then local
     verify_checkpoint_file(checkpoint)
     cfg.load_from = checkpoint
     add_custom_hook(
@@ -329,8 +334,9 @@ def test(config: str,
             evaluator['output_dir'] = out
             evaluator['keep_results'] = True
     prepare_distributed(cfg)
-    runner = build_runner(cfg)
-    metrics = runner.test()
+    with checkpoint_door():  # the checkpoint (and any pretrained= URL) through the door
+        runner = build_runner(cfg)
+        metrics = runner.test()
     if out is not None and cfg.default_scope == 'mmpose' and is_main_process():
         import mmengine
         mmengine.dump(metrics, out)

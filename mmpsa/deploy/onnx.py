@@ -261,30 +261,29 @@ def export_module(module: nn.Module,
 
 def load_model(config: Union[str, Path],
                checkpoint: Optional[str] = None,
-               cfg_options: Optional[dict] = None) -> TensorForward:
+               cfg_options: Optional[dict] = None,
+               allow_missing_psa: bool = False) -> TensorForward:
     """Build a seg or pose model from its config for export: eval, CPU, plain BN.
 
     Args:
         config: An mmseg or mmpose config (``default_scope`` says which).
-        checkpoint: Weights (default: the model's construction-time init).
+        checkpoint: Weights (default: the model's construction-time init), read through
+            the checkpoint door for ``'export'`` (:func:`mmpsa.checkpoint.build_model`).
         cfg_options: Config overrides.
+        allow_missing_psa: A stock checkpoint for a PSA config is meant.
     """
-    from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
 
     import mmpsa  # noqa: F401  (registers the PSA models)
-    from mmpsa.apis.attention import _scope_of
+    from mmpsa.checkpoint import build_model
     if not Path(config).is_file():
         raise ValueError(f'config not found: {str(config)!r}')
-    cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    scope = _scope_of(cfg)
-    if scope == 'mmseg':
-        from mmseg.apis import init_model
-    else:
-        from mmpose.apis import init_model
-    model = init_model(cfg, checkpoint, device='cpu')
+    model = build_model(
+        str(config),
+        checkpoint,
+        purpose='export',
+        cfg_options=cfg_options,
+        allow_missing_psa=allow_missing_psa)
     return TensorForward(revert_sync_batchnorm(model)).eval()
 
 

@@ -29,6 +29,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from ..checkpoint.atomic import atomic_write
 from .rng import RNG_STATES_KEY, get_rng_state
 
 #: Name of :class:`AtomicLocalBackend` in mmengine's fileio backends.
@@ -36,39 +37,6 @@ ATOMIC_BACKEND = 'mmpsa_atomic_local'
 
 # Temporary names: ``.<final name>.<pid>.tmp`` beside the final file.
 _TMP_PATTERN = re.compile(r'^\..+\.\d+\.tmp$')
-
-
-def atomic_write(data: bytes, filepath: str) -> None:
-    """Write ``data`` to a temporary file beside ``filepath``, then rename it into place.
-
-    A reader (or a resumed run) sees either the old file or the complete new one, never a
-    part of it, whenever the writing process dies.
-
-    Args:
-        data: The bytes to write.
-        filepath: The final local path; its folder is created if needed.
-    """
-    filepath = osp.abspath(filepath)
-    folder = osp.dirname(filepath)
-    os.makedirs(folder, exist_ok=True)
-    tmp = osp.join(folder, f'.{osp.basename(filepath)}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filepath)
-    except BaseException:
-        with suppress(OSError):
-            os.remove(tmp)
-        raise
-    # Make the rename itself durable (a no-op where directories cannot be opened).
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @register_backend(ATOMIC_BACKEND, force=True)

@@ -27,7 +27,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, SampleList, add_prefix
 from torch import Tensor
 
-from ..checkpoint import CheckpointMismatchError
+from ..checkpoint import CheckpointMismatchError, key_diff
 
 TRAIN_CFG_KEYS = ('scales', 'scale_loss_weight')
 DEFAULT_TRAIN_SCALES = (0.5, 1.0)
@@ -316,15 +316,8 @@ class MscaleCascadeEncoderDecoder(CascadeEncoderDecoder):
             key[len(prefix):]: value
             for key, value in state_dict.items() if key.startswith(prefix)
         }
-        missing = [k for k in own if k not in given and not k.endswith('num_batches_tracked')]
-        unexpected = [k for k in given if k not in own]
-        mismatched = [
-            f'{k}: {tuple(given[k].shape)} in the checkpoint, {tuple(own[k].shape)} '
-            f'in the model' for k in own
-            if k in given and getattr(given[k], 'shape', None) is not None
-            and tuple(given[k].shape) != tuple(own[k].shape)
-        ]
-        if not (missing or unexpected or mismatched):
+        diff = key_diff(given, own)
+        if not diff:
             return
         from .released import psa_variant  # the key patterns of the two PSA variants
         found, wanted = psa_variant(given), psa_variant(own)
@@ -335,10 +328,5 @@ class MscaleCascadeEncoderDecoder(CascadeEncoderDecoder):
         if found != wanted:
             lines.append(f'  its PSA blocks are {found or "absent"}, this config builds '
                          f'{wanted or "none"}: use the config of the checkpoint\'s variant')
-        for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
-                            ('shape mismatches', mismatched)):
-            if keys:
-                shown = ', '.join(
-                    keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else '')
-                lines.append(f'  {title}: {shown}')
+        lines += diff.lines(limit=8)
         raise CheckpointMismatchError('\n'.join(lines))

@@ -20,20 +20,16 @@ batch mean, which absorbs b). So the converted model is the stock mmseg architec
 loads the result strictly into the model of the matching config and only then writes the
 mmseg checkpoint (write, then rename).
 """
-import os
 import os.path as osp
 import re
-import tempfile
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 from mmseg.datasets import CityscapesDataset
-from mmseg.registry import MODELS
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import build_model_cfg, read_checkpoint, save_checkpoint_atomically
 from ..utils.paths import configs_root
 
 #: The released README's download pages (share pages, not files), by variant.
@@ -213,11 +209,9 @@ def default_config(variant: str) -> str:
 def build_model_of(config: str) -> torch.nn.Module:
     """The model of an mmseg config, on the meta device (keys and shapes, no memory)."""
     cfg = Config.fromfile(config)
-    model_cfg = cfg.model
-    model_cfg.pretrained = None
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmseg')), \
-            torch.device('meta'):
-        return MODELS.build(model_cfg)
+    cfg.setdefault('default_scope', 'mmseg')
+    cfg.model.pretrained = None
+    return build_model_cfg(cfg, device='meta')
 
 
 def convert_released_checkpoint(src: str, dst: str, config: Optional[str] = None) -> dict:
@@ -271,24 +265,6 @@ def convert_released_checkpoint(src: str, dst: str, config: Optional[str] = None
                 weights=RELEASED_WEIGHTS[found],
                 folded_biases=info['folded_biases'])),
         state_dict=mapped)
-    _save_atomically(checkpoint, dst)
+    save_checkpoint_atomically(checkpoint, dst)
     info.update(config=config, ignored=ignored, dst=str(dst))
     return info
-
-
-def _save_atomically(obj: dict, dst: str) -> None:
-    """``torch.save`` to a temporary file beside ``dst``, then rename it to ``dst``."""
-    folder = osp.dirname(osp.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=osp.basename(dst) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, dst)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
