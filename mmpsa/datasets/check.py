@@ -4,7 +4,9 @@ The stock libraries fail on bad data with errors that name no file (``IndexError
 is out of bounds``, ``need at least one array to concatenate``, a bare reshape error), or not
 at all: a label map of another size than its image is padded and trained on misaligned,
 keypoints with visibility 7 or far outside the image are accepted. :func:`check_dataset`
-walks the dataset a config names through mmseg's or mmpose's own dataset class and reports:
+walks the dataset a config names through mmseg's or mmpose's own dataset class (each dataset
+inside a wrapper such as ``RepeatDataset``, ``ConcatDataset``, ``ClassBalancedDataset``,
+``MultiImageMixDataset`` or mmpose's ``CombinedDataset``, named by its config path) and reports:
 
 - a split that cannot be listed or is empty;
 - images that cannot be read;
@@ -196,14 +198,35 @@ def _check_coco_keypoints(report: DatasetReport, ann_file: str, num_keypoints: i
                            f'{name} at ({x}, {y}), image {width}x{height}')
 
 
-def _build_dataset(cfg, split: str, report: DatasetReport):
-    """The split's dataset, built unlisted (``lazy_init``), or None after a finding."""
-    loader = cfg.get(f'{split}_dataloader')
-    if not loader or not loader.get('dataset'):
-        report.add(f'{split}_dataloader', 'no dataset', 'the config names no dataset here')
-        return None
-    dataset_cfg = copy.deepcopy(loader['dataset'])
-    report.dataset = str(dataset_cfg.get('type'))
+def wrapped_datasets(dataset_cfg: dict, path: str) -> List[tuple]:
+    """The datasets inside wrappers, with their config paths.
+
+    A wrapper holds its dataset(s) under ``dataset`` (``RepeatDataset``,
+    ``ClassBalancedDataset``, ``MultiImageMixDataset``) or ``datasets`` (``ConcatDataset``,
+    mmpose's ``CombinedDataset``); any config that does is looked through, recursively.
+
+    Args:
+        dataset_cfg: A dataset config.
+        path: Its config path (``'train_dataloader.dataset'``).
+
+    Returns:
+        ``(config path, dataset config)`` of each inner (non-wrapper) dataset, in order.
+    """
+    inner = dataset_cfg.get('dataset')
+    if isinstance(inner, dict):
+        return wrapped_datasets(inner, f'{path}.dataset')
+    many = dataset_cfg.get('datasets')
+    if isinstance(many, (list, tuple)) and all(isinstance(d, dict) for d in many):
+        found = []
+        for i, one in enumerate(many):
+            found += wrapped_datasets(one, f'{path}.datasets[{i}]')
+        return found
+    return [(path, dataset_cfg)]
+
+
+def _build_dataset(cfg, dataset_cfg: dict, report: DatasetReport, where: str):
+    """One (inner) dataset, built unlisted (``lazy_init``), or None after a finding."""
+    dataset_cfg = copy.deepcopy(dataset_cfg)
     if cfg.get('custom_imports'):
         from mmengine.utils import import_modules_from_strings
         import_modules_from_strings(**cfg['custom_imports'])
@@ -219,7 +242,7 @@ def _build_dataset(cfg, split: str, report: DatasetReport):
             dataset_cfg.update(lazy_init=True, serialize_data=False)
         return registry.build(dataset_cfg)
     except Exception as err:  # noqa: BLE001 - the dataset class's own error, named
-        report.add(report.dataset, 'cannot build the dataset', f'{type(err).__name__}: {err}')
+        report.add(where, 'cannot build the dataset', f'{type(err).__name__}: {err}')
         return None
 
 
@@ -227,7 +250,7 @@ def check_dataset(cfg,
                   split: str = 'train',
                   full: bool = True,
                   progress: bool = False) -> DatasetReport:
-    """Check the dataset of one split of a config.
+    """Check the dataset of one split of a config, and every dataset inside its wrappers.
 
     Args:
         cfg: A loaded mmengine ``Config`` with ``default_scope`` ``'mmseg'`` or ``'mmpose'``.
@@ -237,36 +260,60 @@ def check_dataset(cfg,
         progress: Show a progress bar over the samples.
 
     Returns:
-        The report (``report.ok``, ``report.summary()``, ``report.raise_if_bad()``).
+        The report (``report.ok``, ``report.summary()``, ``report.raise_if_bad()``); with a
+        wrapper (``RepeatDataset``, ``ConcatDataset`` ...), each finding starts with the config
+        path of its inner dataset (``train_dataloader.dataset.dataset``).
     """
     if split not in SPLITS:
         raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
     report = DatasetReport(split=split, dataset='?')
-    dataset = _build_dataset(cfg, split, report)
-    if dataset is None:
+    loader = cfg.get(f'{split}_dataloader')
+    if not loader or not loader.get('dataset'):
+        report.add(f'{split}_dataloader', 'no dataset', 'the config names no dataset here')
         return report
+    outer = loader['dataset']
+    inner = wrapped_datasets(outer, f'{split}_dataloader.dataset')
+    names = [str(one.get('type')) for _, one in inner]
+    wrapped = len(inner) > 1 or inner[0][1] is not outer
+    report.dataset = (f'{outer.get("type")}({", ".join(names)})' if wrapped else names[0])
+    for path, dataset_cfg in inner:
+        one = DatasetReport(split=split, dataset=str(dataset_cfg.get('type')))
+        _check_one(cfg, dataset_cfg, one, full, progress)
+        report.num_samples += one.num_samples
+        report.num_checked += one.num_checked
+        for finding in one.findings:
+            where = f'{path} ({one.dataset}): {finding.where}' if wrapped else finding.where
+            report.add(where, finding.kind, finding.detail)
+    return report
+
+
+def _check_one(cfg, dataset_cfg: dict, report: DatasetReport, full: bool, progress: bool) -> None:
+    """:func:`check_dataset` of one inner dataset, into ``report``."""
+    dataset = _build_dataset(cfg, dataset_cfg, report, report.dataset)
+    if dataset is None:
+        return
     meta = getattr(dataset, 'metainfo', None) or {}
     ann_file = getattr(dataset, 'ann_file', '')
     if 'num_keypoints' in meta and str(ann_file).endswith('.json'):
         names = {i: n for i, n in (meta.get('keypoint_id2name') or {}).items()}
         _check_coco_keypoints(report, ann_file, meta['num_keypoints'], names)
         if not report.ok:
-            return report  # mmpose's parser would stop at the first malformed list
+            return  # mmpose's parser would stop at the first malformed list
     try:
         if hasattr(dataset, 'full_init'):
             dataset.full_init()
         report.num_samples = len(dataset)
     except Exception as err:  # noqa: BLE001
         report.add(report.dataset, 'cannot list the dataset', f'{type(err).__name__}: {err}')
-        return report
+        return
     if report.num_samples == 0:
         where = str(getattr(dataset, 'data_prefix', None) or ann_file or report.dataset)
         report.add(
             where, 'empty split', f'{report.dataset} lists no samples '
             f'(data_root {getattr(dataset, "data_root", None)!r})')
-        return report
+        return
     if not hasattr(dataset, 'get_data_info'):
-        return report  # not an mmengine dataset: no file list to check
+        return  # not an mmengine dataset: no file list to check
     indices: Iterable[int] = range(report.num_samples if full else 1)
     if progress:
         from mmengine.utils import track_iter_progress
@@ -282,7 +329,6 @@ def check_dataset(cfg,
         elif info.get('img_path') and info['img_path'] not in seen_images:
             seen_images.add(info['img_path'])
             _check_image(report, info['img_path'], backend_args)
-    return report
 
 
 def check_config_dataset(config: Any,

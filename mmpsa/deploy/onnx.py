@@ -2,11 +2,13 @@
 
 The export goes through ``torch.export`` (non-strict) under :func:`export_rewrites`, then
 ``torch.onnx.export(..., dynamo=True)``; the file is then run with onnxruntime on the CPU
-and compared with the eager model at the exported size and, for a dynamic export, at a
-second size. A model whose code fixes a size at export (an ``int()`` of a traced size)
-is off at the second size; the export is then refused and the modules that turn
-symbolic sizes into constants are named. Needs the ``deploy`` extra
-(``pip install mmpsa[deploy]``: onnx, onnxscript, onnxruntime).
+and compared with the eager model at the exported size and, for a dynamic export, at two
+more sizes, all multiples of a size divisor (32 for mmseg's/mmpose's HRNet and ResNet); a size
+over the tolerance refuses the export and removes the file. A model whose code fixes a size
+at export (an ``int()`` of a traced size) is off at another size; the modules that turn
+symbolic sizes into constants are then named. A multi-scale (mscale) segmentor whose test
+combines scales is refused (its exportable forward is the single-scale one). Needs the
+``deploy`` extra (``pip install mmpsa[deploy]``: onnx, onnxscript, onnxruntime).
 """
 import time
 from dataclasses import dataclass, field
@@ -137,6 +139,25 @@ def _eager(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return module(inputs)
 
 
+def default_size_divisor(module: nn.Module) -> int:
+    """The side multiple the model needs: its data preprocessor's ``size_divisor`` if set
+    (mmseg pads inputs to it), else 32 (the output stride of mmseg's and mmpose's HRNet and
+    ResNet models, whose upsampling is exact only at multiples of it)."""
+    model = getattr(module, 'model', module)
+    divisor = getattr(getattr(model, 'data_preprocessor', None), 'size_divisor', None)
+    return int(divisor) if divisor else 32
+
+
+def checked_sizes(h: int,
+                  w: int,
+                  d: int,
+                  second: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
+    """The sizes a dynamic export is checked at: the exported one, a second (default one
+    multiple of ``d`` larger on both sides) and a third of another aspect."""
+    h2, w2 = (int(s) for s in second) if second else (h + d, w + d)
+    return [(h, w), (h2, w2), (h2 + d, w2)]
+
+
 def export_module(module: nn.Module,
                   shape: Sequence[int],
                   out: Union[str, Path],
@@ -144,29 +165,44 @@ def export_module(module: nn.Module,
                   opset: Optional[int] = None,
                   second_shape: Optional[Sequence[int]] = None,
                   channels: int = 3,
+                  size_divisor: Optional[int] = None,
                   log: Callable[[str], None] = print) -> ExportReport:
     """Export ``module`` (one image batch in, one tensor out) to ONNX and check it.
+
+    A dynamic export is checked at three sizes (:func:`checked_sizes`), all multiples of
+    ``size_divisor``; any of them over :data:`TOLERANCE` refuses the export and removes the
+    file: the file would be exact at the sizes that were checked only.
 
     Args:
         module: The module, in eval mode, on the CPU.
         shape: ``(H, W)`` of the example input (batch 1).
         out: The ``.onnx`` file to write.
-        dynamic: Export with symbolic H and W, and check a second size.
+        dynamic: Export with symbolic H and W, and check two more sizes.
         opset: The ONNX opset (default: torch's).
-        second_shape: The second size (default: ``H + 32, W + 32``).
+        second_shape: The second size (default: ``H + d, W + d``).
         channels: Input channels.
+        size_divisor: ``d``, the multiple every checked side must be (default:
+            :func:`default_size_divisor`).
         log: Where progress lines go.
 
     Returns:
         The report (checks at each size).
 
     Raises:
-        DeployError: The export failed, onnxruntime disagrees with eager at the exported
-            size, or (``dynamic``) at the second size; the file is then removed.
+        DeployError: The export failed, or onnxruntime disagrees with eager at a checked
+            size; the file is then removed.
+        ValueError: ``dynamic`` with a size that is not a multiple of ``size_divisor``.
     """
     h, w = (int(s) for s in shape)
     if h < 1 or w < 1:
         raise ValueError(f'shape must be two positive sides, got {tuple(shape)!r}')
+    d = int(size_divisor) if size_divisor else default_size_divisor(module)
+    sizes = checked_sizes(h, w, d, second_shape) if dynamic else [(h, w)]
+    off = [f'{a}x{b}' for a, b in sizes if a % d or b % d]
+    if dynamic and off:
+        raise ValueError(f'--dynamic checks sizes that are multiples of --size-divisor {d} '
+                         f'(what this model needs); {", ".join(off)} is not: choose sides '
+                         f'that are multiples of {d}')
     out = Path(out)
     report = ExportReport(out, dynamic)
     start = time.time()
@@ -195,7 +231,10 @@ def export_module(module: nn.Module,
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx_program.save(str(out))
     report.seconds = time.time() - start
-    log(f'[export] wrote {out} ({report.seconds:.1f} s); checking with onnxruntime ...')
+    log(f'[export] wrote {out} ({report.seconds:.1f} s); checking with onnxruntime at '
+        f'{", ".join(f"{a}x{b}" for a, b in sizes)} (multiples of --size-divisor {d}) ...')
+    rule = (f'the file is exact only where checked; dynamic exports are checked at sides '
+            f'that are multiples of --size-divisor {d}')
 
     def check(x: torch.Tensor, expected: Optional[torch.Tensor] = None) -> Comparison:
         size = tuple(x.shape[2:])
@@ -204,59 +243,65 @@ def export_module(module: nn.Module,
         try:
             result = compare(run_onnx(out, x), expected, size)
         except Exception as e:  # onnxruntime refuses (a size baked in breaks a broadcast)
+            text = ' '.join(str(e).split())
+            text = text if len(text) <= 600 else text[:600] + ' ...'
             result = Comparison(size, float('inf'), float('inf'),
-                                f'onnxruntime failed: {type(e).__name__}')
+                                f'onnxruntime failed: {type(e).__name__}: {text}')
         report.checks.append(result)
         log(f'[check] {result}')
         return result
 
     def refuse(message: str) -> None:
         out.unlink(missing_ok=True)
-        raise DeployError(message)
+        raise DeployError(f'{message} ({out} removed)')
 
     first = check(example)
     if not first.ok:
-        refuse(f'onnxruntime disagrees with eager at the exported size: {first}')
+        refuse(f'onnxruntime disagrees with eager at the exported size: {first}, over the '
+               f'tolerance {TOLERANCE:g}')
     if not dynamic:
         return report
     placeholder = [n for n in program.graph.nodes if n.op == 'placeholder'][-1].meta['val']
-    fixed = [side for side, d in zip('HW', placeholder.shape[2:]) if isinstance(d, int)]
+    fixed = [side for side, dim in zip('HW', placeholder.shape[2:]) if isinstance(dim, int)]
     if fixed:
         refuse(f'--dynamic: the export fixed {" and ".join(fixed)} of the input '
                f'({tuple(placeholder.shape)}): the model is exact at {h}x{w} only; '
                'export without --dynamic')
-    h2, w2 = (int(s) for s in (second_shape or (h + 32, w + 32)))
-    x2 = torch.randn(1, channels, h2, w2, generator=gen)
-    try:
-        expected = _eager(module, x2)
-    except Exception as e:
-        refuse(f'--dynamic: the model itself does not run at the second size {h2}x{w2} '
-               f'({type(e).__name__}: {e}); choose a size it takes with --second-shape')
-    second = check(x2, expected)
-    if not second.ok:
-        baked = baked_in_sizes(program)
-        more = f' and {len(baked) - 4} more' if len(baked) > 4 else ''
-        where = ('sizes baked in as constants by: ' + ', '.join(baked[:4]) +
-                 more) if baked else ('no module with a constant size found')
-        refuse(f'--dynamic refused: at {second}, over the tolerance {TOLERANCE:g}; {where}. '
-               f'The file would be exact at {h}x{w} only: export without --dynamic, '
-               'or make those sizes symbolic (see mmpsa/deploy/rewriters.py)')
-    # which sizes: a side that is no multiple of 16 tells apart stride-exact models
-    h3, w3 = h2 + 8, w2 + 8
-    try:
-        x3 = torch.randn(1, channels, h3, w3, generator=gen)
-        expected = _eager(module, x3)
-    except Exception as e:  # the model itself does not take every size
-        report.notes.append(f'exact at the checked sizes {h}x{w} and {h2}x{w2}; the model '
-                            f'itself (eager) does not run at {h3}x{w3} ({type(e).__name__})')
-    else:
-        third = check(x3, expected)
-        if not third.ok:
-            report.notes.append(f'exact at {h}x{w} and {h2}x{w2}, NOT at {h3}x{w3} '
-                                f'({third}): use sizes like the checked ones')
-    for note in report.notes:
-        log(f'[check] {note}')
+    for h2, w2 in sizes[1:]:
+        x2 = torch.randn(1, channels, h2, w2, generator=gen)
+        try:
+            expected = _eager(module, x2)
+        except Exception as e:
+            refuse(f'--dynamic: the model itself does not run at {h2}x{w2} ({type(e).__name__}: '
+                   f'{e}); {rule}: give the --size-divisor this model needs')
+        result = check(x2, expected)
+        if not result.ok:
+            baked = baked_in_sizes(program)
+            more = f' and {len(baked) - 4} more' if len(baked) > 4 else ''
+            where = ('sizes baked in as constants by: ' + ', '.join(baked[:4]) +
+                     more) if baked else ('no module with a constant size found')
+            refuse(f'--dynamic refused: at {result}, over the tolerance {TOLERANCE:g}; {where}. '
+                   f'{rule[0].upper() + rule[1:]}: export without --dynamic, '
+                   'or make those sizes symbolic (see mmpsa/deploy/rewriters.py)')
+    report.notes.append(f'exact at {", ".join(f"{a}x{b}" for a, b in sizes)} (multiples of '
+                        f'--size-divisor {d})')
     return report
+
+
+def refuse_mscale(model: nn.Module, config: str) -> None:
+    """Refuse a hierarchical multi-scale segmentor whose test combines several scales.
+
+    Its ``forward(mode='tensor')`` is the single-scale forward (1/4 resolution, no
+    ``scale_attn``), not what ``tools/test.py`` scores.
+    """
+    scales = list((getattr(model, 'test_cfg', None) or {}).get('scales', [1.0]))
+    if type(model).__name__ == 'MscaleCascadeEncoderDecoder' and scales != [1.0]:
+        raise DeployError(
+            f'{config} builds a MscaleCascadeEncoderDecoder whose test combines the scales '
+            f'{scales} with its scale attention; the exportable forward (mode=\'tensor\') is '
+            'the single-scale forward at 1/4 resolution without scale_attn, so the file would '
+            'not compute what tools/test.py scores. Export refused; to export the single-scale '
+            "model on purpose, pass --cfg-options model.test_cfg.scales='[1.0]'.")
 
 
 def load_model(config: Union[str, Path],
@@ -284,6 +329,7 @@ def load_model(config: Union[str, Path],
         purpose='export',
         cfg_options=cfg_options,
         allow_missing_psa=allow_missing_psa)
+    refuse_mscale(model, str(config))
     return TensorForward(revert_sync_batchnorm(model)).eval()
 
 
@@ -292,6 +338,8 @@ def export_config(config: Union[str, Path],
                   shape: Sequence[int],
                   checkpoint: Optional[str] = None,
                   log: Callable[[str], None] = print,
+                  cfg_options: Optional[dict] = None,
+                  allow_missing_psa: bool = False,
                   **kwargs) -> ExportReport:
     """Export the model of an mmseg/mmpose config (seg: logits, pose: heatmaps) to ONNX.
 
@@ -301,7 +349,11 @@ def export_config(config: Union[str, Path],
         shape: ``(H, W)`` of the exported input.
         checkpoint: Weights to load.
         log: Where progress lines go.
-        **kwargs: :func:`export_module`'s ``dynamic``, ``opset``, ``second_shape``.
+        cfg_options: Config overrides.
+        allow_missing_psa: A stock checkpoint for a PSA config is meant.
+        **kwargs: :func:`export_module`'s ``dynamic``, ``opset``, ``second_shape``,
+            ``size_divisor``.
     """
     log(f'[export] building {config} ...')
-    return export_module(load_model(config, checkpoint), shape, out, log=log, **kwargs)
+    model = load_model(config, checkpoint, cfg_options, allow_missing_psa)
+    return export_module(model, shape, out, log=log, **kwargs)

@@ -117,3 +117,54 @@ def test_bad_visibility_and_far_keypoints_are_named(tmp_path, load_tool, capsys)
     assert 'bad visibility flag: keypoint 0 (nose): 7, expected 0, 1 or 2' in out
     assert f"annotation id {ids['far']}" in out
     assert f"keypoint outside its image: keypoint {ids['k']}" in out
+
+
+def _bad_keypoints(tmp_path: Path, name: str) -> tuple:
+    """A tiny COCO set with visibility 7 and x=10000 (the issue-26 case), and their ids."""
+    ids = {}
+
+    def edit(anns, images):
+        labelled = [a for a in anns if any(a['keypoints'][2::3])]
+        labelled[0]['keypoints'][2] = 7
+        k = next(k for k in range(17) if labelled[-1]['keypoints'][3 * k + 2] > 0)
+        labelled[-1]['keypoints'][3 * k] = 10_000.0
+        ids.update(vis=labelled[0]['id'], far=labelled[-1]['id'])
+
+    return _coco(tmp_path, name, edit), ids
+
+
+WRAPPERS = {
+    'RepeatDataset':
+    ("dict(type='RepeatDataset', times=3, dataset=INNER)", 'train_dataloader.dataset.dataset'),
+    'ClassBalancedDataset': ("dict(type='ClassBalancedDataset', oversample_thr=0.1, "
+                             'dataset=INNER)', 'train_dataloader.dataset.dataset'),
+    'ConcatDataset':
+    ("dict(type='ConcatDataset', datasets=[GOOD, INNER])", 'train_dataloader.dataset.datasets[1]'),
+    'CombinedDataset': ("dict(type='CombinedDataset', metainfo=dict(from_file="
+                        "'configs/_base_/datasets/coco.py'), datasets=[GOOD, INNER], "
+                        'pipeline=[])', 'train_dataloader.dataset.datasets[1]'),
+    'MultiImageMixDataset': ("dict(type='MultiImageMixDataset', dataset=INNER, pipeline=[])",
+                             'train_dataloader.dataset.dataset'),
+}
+
+
+@pytest.mark.parametrize('wrapper', sorted(WRAPPERS))
+def test_bad_keypoints_are_found_inside_each_wrapper(tmp_path, load_tool, capsys, wrapper):
+    """Issue 26 item 6: a wrapped dataset was passed as "no problems found"."""
+    bad, ids = _bad_keypoints(tmp_path, 'coco_bad')
+    good = tmp_path / 'coco_good'
+    make_tiny_coco(str(good), num_train=2, num_val=1, splits=('train', ))
+    text, path = WRAPPERS[wrapper]
+    from mmengine.config import Config
+    base = Config.fromfile(str(POSE)).train_dataloader.dataset.to_dict()
+    inner, outer = dict(base, data_root=f'{bad}/'), dict(base, data_root=f'{good}/')
+    wrapped = eval(text, dict(INNER=inner, GOOD=outer, dict=dict))  # our own literal
+    wrapped['_delete_'] = True  # replace the base's dataset, not merge into it
+    config = tmp_path / f'{wrapper}.py'
+    config.write_text(f'_base_ = [{str(POSE)!r}]\n'
+                      f'train_dataloader = dict(dataset={wrapped!r})\n')
+    status, out = _run(load_tool, capsys, [str(config)])
+    assert status == 1, out
+    assert 'no problems found' not in out
+    assert f"{path} (CocoDataset): " in out and f"annotation id {ids['vis']}" in out
+    assert 'bad visibility flag' in out and 'keypoint outside its image' in out

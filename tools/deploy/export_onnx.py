@@ -10,6 +10,9 @@ import argparse
 import sys
 from typing import List, Optional
 
+from mmengine.config import DictAction
+
+from mmpsa.checkpoint import CheckpointReadError
 from mmpsa.deploy.onnx import DeployError, export_config
 
 
@@ -29,7 +32,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=int,
         nargs=2,
         metavar=('H', 'W'),
-        help='the second size --dynamic checks (default: H+32 W+32)')
+        help='the second size --dynamic checks (default: H+D W+D, D the size divisor)')
+    parser.add_argument(
+        '--size-divisor',
+        type=int,
+        help='checked sides are multiples of it (default: what the model needs, 32 for '
+        "mmseg's/mmpose's HRNet and ResNet models)")
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value pairs (lists as key="[a,b]")')
+    parser.add_argument(
+        '--allow-missing-psa',
+        action='store_true',
+        help='export a checkpoint without PSA weights (e.g. stock) with a PSA config on '
+        'purpose: the PSA blocks keep their initialisation')
     parser.add_argument('--opset', type=int, help="ONNX opset (default: torch's)")
     return parser.parse_args(argv)
 
@@ -44,13 +62,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             checkpoint=args.checkpoint,
             dynamic=args.dynamic,
             opset=args.opset,
-            second_shape=args.second_shape)
-    except (DeployError, ValueError) as e:
+            second_shape=args.second_shape,
+            size_divisor=args.size_divisor,
+            cfg_options=args.cfg_options,
+            allow_missing_psa=args.allow_missing_psa)
+    except (DeployError, ValueError, CheckpointReadError) as e:
         print(f'export_onnx: {e}', file=sys.stderr)
         return 1
     worst = max(c.max_rel for c in report.checks)
     print(f'OK {report.path}: onnxruntime equals eager within {worst:.1e} relative at ' +
           ', '.join(f'{h}x{w}' for h, w in (c.shape for c in report.checks)))
+    for note in report.notes:
+        print(f'   {note}')
     return 0
 
 
