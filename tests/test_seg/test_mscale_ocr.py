@@ -383,6 +383,16 @@ def test_mmseg_apis_use_the_multiscale_inference(trained, tiny_data_root):
     cfg, work_dir, _ = trained
     model = init_model(cfg, str(work_dir / 'iter_8.pth'), device='cpu')
     img = sorted((tiny_data_root / 'leftImg8bit' / 'val').rglob('*_leftImg8bit.png'))[0]
+    scales = list(model.test_cfg['scales'])
+    assert len(scales) == 3
     result = inference_model(model, str(img))
     assert result.seg_logits.data.shape[0] == 19
     assert tuple(result.pred_sem_seg.data.shape[1:]) == (128, 256)  # the frame's size
+    # the logits are the multi-scale combination: scale 1.0 alone gives others, and the
+    # configured scales again give the same
+    model.test_cfg['scales'] = [1.0]
+    single = inference_model(model, str(img)).seg_logits.data
+    model.test_cfg['scales'] = scales
+    again = inference_model(model, str(img)).seg_logits.data
+    torch.testing.assert_close(again, result.seg_logits.data)
+    assert (single - result.seg_logits.data).abs().max() > 1e-3 * single.abs().max()
