@@ -38,30 +38,37 @@ fp64); no ``tl.dot`` is used (the interpreter's bf16 ``tl.dot`` is wrong).
 CUDA tensors run compiled kernels. ``TRITON_INTERPRET=1``, set before this module is
 imported and left set (triton reads it when the kernels are decorated and when they run),
 runs them on CPU tensors through triton's interpreter: that is how the tests check them on
-CPU (:data:`INTERPRET`). Offsets are int32: a tensor of 2^31 elements or more is not
-supported, nor more than :data:`MAX_CHANNELS` channels (a tile holds every channel).
+CPU (:data:`INTERPRET`). A sample's offset is int64 (``b * stride`` may pass 2^31 for a view
+into a large tensor), offsets within a sample int32: a sample of 2^31 elements or more is not
+supported (an input or gradient with larger strides within a sample is copied contiguous), nor
+more than :data:`MAX_CHANNELS` channels (a tile holds every channel of its pixels, and at most
+:data:`MAX_TILE` elements). No kernel takes a float argument (it would be fp32 on a GPU, also
+for fp64 inputs): ``1/HW`` and the like are divisions in the kernel, in ``ACC``.
 """
 import contextlib
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .precision import acc_dtype, no_autocast
-from .psa_fused import (PSAParams, channel_map, maps_for_hooks, sequential_spatial_map,
-                        spatial_query, spatial_vector)
+from .psa_fused import (PARAM_NAMES, PSAParams, channel_map, maps_for_hooks,
+                        sequential_spatial_map, spatial_query, spatial_vector)
 
 Tensor = torch.Tensor
 
 #: Whether the kernels were decorated for triton's interpreter (they then run CPU tensors).
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
+#: The most elements of a ``(BLOCK_C, BLOCK_N)`` tile: compiled for sm_90, every kernel keeps
+#: its tiles in registers without spilling up to this size (``tools/triton_compile_check.py``).
+MAX_TILE = 2048
 #: The most channels a block may have here: a tile holds every channel of its pixels.
-MAX_CHANNELS = 8192
-_TILE = 8192  # elements of a (BLOCK_C, BLOCK_N) tile
+MAX_CHANNELS = MAX_TILE
 _MAX_BLOCK_N = 128
+_INT32 = 2**31  # offsets within a sample are int32, the sample's own offset int64
 _TARGET_PROGRAMS = 1024  # split each sample's pixels into runs until about this many programs
 
 # _spatial_kernel: what it does with the logits u^T X
@@ -91,11 +98,13 @@ def _pixels(ptr, offs_n, mask_n, ACC: tl.constexpr):
 
 @triton.jit
 def _program(C, N, run, BLOCK_C: tl.constexpr):
-    """This program's sample ``b``, its channel offsets and mask, and its pixels
-    ``[start, end)`` (programs ``(b, k)``: the ``k``-th run of ``run`` pixels)."""
+    """This program's sample ``b`` (int64: ``b * stride`` may pass 2^31 for a view into a
+    large tensor; offsets within a sample are int32), its channel offsets and mask, and its
+    pixels ``[start, end)`` (programs ``(b, k)``: the ``k``-th run of ``run`` pixels)."""
     k = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
-    return tl.program_id(0), k, offs_c, offs_c < C, k * run, tl.minimum(N, (k + 1) * run)
+    return (tl.program_id(0).to(tl.int64), k, offs_c, offs_c < C, k * run,
+            tl.minimum(N, (k + 1) * run))
 
 
 @triton.jit
@@ -218,7 +227,7 @@ def _grad_pool_kernel(g_ptr, x_ptr, a_ch_ptr, a_sp_ptr, k1_ptr, sm_ptr, dsp_ptr,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr, p_ptr, c0_ptr,
-                       dg_ptr, u_ptr, dlg_ptr, e_ptr, dwq_ptr, drs_ptr, B, C, N, run, inv_n, sgb,
+                       dg_ptr, u_ptr, dlg_ptr, e_ptr, dwq_ptr, drs_ptr, B, C, N, run, sgb,
                        sgc, sgn, sxb, sxc, sxn, sdb, sdc, sdn, seb, sec, sen, SEQ: tl.constexpr,
                        WANT_DX: tl.constexpr, WANT_DWQ: tl.constexpr, DENSE: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -233,7 +242,7 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
     if WANT_DX:
         a_ch = _channels(a_ch_ptr + b * C, offs_c, mask_c, ACC)
         wq = _channels(wq_ptr, offs_c, mask_c, ACC)
-        dg = _channels(dg_ptr + b * C, offs_c, mask_c, ACC) * inv_n
+        dg = _channels(dg_ptr + b * C, offs_c, mask_c, ACC) / N  # in ACC (fp64 stays fp64)
         if not DENSE:
             u = _channels(u_ptr + b * C, offs_c, mask_c, ACC)
     dwq = tl.zeros((BLOCK_C, ), ACC)
@@ -277,16 +286,27 @@ def _bcn(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
     b, c, h, w = t.shape
     sb, sc, sh, sw = t.stride()
     if w == 1:
-        return t, (sb, sc, sh)
-    if h == 1 or sh == w * sw:
-        return t, (sb, sc, sw)
-    return _bcn(t.contiguous())
+        strides = (sb, sc, sh)
+    elif h == 1 or sh == w * sw:
+        strides = (sb, sc, sw)
+    else:
+        return _bcn(t.contiguous())
+    # the kernels index within a sample with int32 (unsupported() keeps C*HW below 2^31)
+    if (c - 1) * strides[1] + (h * w - 1) * strides[2] >= _INT32 and not t.is_contiguous():
+        return _bcn(t.contiguous())
+    return t, strides
 
 
 def _new_like(x: Tensor) -> Tensor:
     """An empty tensor like ``x`` (its layout where :func:`_bcn` takes it, else contiguous)."""
     out = torch.empty_like(x)
     return out if _bcn(out)[0] is out else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def num_warps(tile: int) -> int:
+    """The warps of a program whose tiles have ``tile`` elements: 8 elements per thread, 1 to
+    8 warps (a 2,048-element tile: 8 warps)."""
+    return max(1, min(8, tile // 256))
 
 
 class _Launch:
@@ -298,34 +318,122 @@ class _Launch:
         self.n, self.device = h * w, x.device
         self.acc = acc_dtype(x.dtype)
         self.block_c = triton.next_power_of_2(self.c)
-        self.block_n = max(1,
-                           min(_MAX_BLOCK_N, _TILE // self.block_c, triton.next_power_of_2(self.n)))
+        self.block_n = max(
+            1, min(_MAX_BLOCK_N, MAX_TILE // self.block_c, triton.next_power_of_2(self.n)))
         tiles = triton.cdiv(self.n, self.block_n)
         runs = max(1, min(tiles, _TARGET_PROGRAMS // self.b))
         self.run = triton.cdiv(tiles, runs) * self.block_n
         self.runs = triton.cdiv(self.n, self.run)
         self.grid = (self.b, self.runs)
-        self.meta = dict(ACC=_TL_ACC[self.acc], BLOCK_C=self.block_c, BLOCK_N=self.block_n)
+        self.meta = dict(
+            ACC=_TL_ACC[self.acc],
+            BLOCK_C=self.block_c,
+            BLOCK_N=self.block_n,
+            num_warps=num_warps(self.block_c * self.block_n))
 
     def vectors(self, *shape: int) -> Tensor:
         """An empty accumulation-dtype tensor ``shape`` on ``x``'s device."""
         return torch.empty(shape, dtype=self.acc, device=self.device)
 
 
-def _leaves(tensors: Tuple[Optional[Tensor], ...], needs: Tuple[bool, ...]) -> list:
-    """Detached copies of ``tensors`` for a local autograd graph (grad where needed)."""
-    return [None if t is None else t.detach().requires_grad_(n) for t, n in zip(tensors, needs)]
+def _vector_backward(xp: Tensor, g: Tensor, prm: PSAParams, paper: bool, seq: bool, dach: Tensor,
+                     du: Optional[Tensor], dbias: Optional[Tensor], dense: Optional[tuple]):
+    """The backward of the per-sample vector maths (:func:`psa_fused.channel_map`,
+    :func:`~psa_fused.spatial_query`, :func:`~psa_fused.spatial_vector`; official PSA_s:
+    :func:`~psa_fused.sequential_spatial_map`), written out (the derivatives of
+    ``mmpsa/csrc/psa_cpu_kernel.cpp``); the intermediates are recomputed from ``X p`` and
+    ``GP(X)``.
 
+    Args:
+        dach, du, dbias: The gradients of ``a_ch`` (through the output), of ``u`` and of the
+            spatial bias (paper variant, official PSA_p; None for PSA_s).
+        dense: PSA_s: ``(X (B, C, HW), dA_sp, whether X needs its gradient)``.
 
-def _grads(outputs: List[Tensor], inputs: List[Optional[Tensor]],
-           grad_outputs: List[Tensor]) -> List[Optional[Tensor]]:
-    """``autograd.grad`` over the inputs that need a gradient (None for the others)."""
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
-    got = iter(
-        torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-                            ) if wanted and pairs else [None] * len(wanted))
-    return [next(got) if t is not None and t.requires_grad else None for t in inputs]
+    Returns:
+        tuple: ``(d(X p), d GP(X), PSA_s's X gradient or None, {parameter name: gradient}``
+        in the accumulation dtype, shaped as the maths uses them).
+    """
+    acc = xp.dtype
+    mat = lambda t: t.detach().flatten(1).to(acc)  # noqa: E731  (O, I) weights
+    vec = lambda t: None if t is None else t.detach().flatten().to(acc)  # noqa: E731
+    grads = {}
+
+    def linear(t, name, bias):  # forward of a 1x1 conv on vectors
+        w = mat(getattr(prm, name))
+        out = t @ w.t()
+        b = vec(getattr(prm, bias))
+        return out if b is None else out + b, w
+
+    def linear_back(dy, t, w, name, bias):  # its backward: the input's gradient
+        grads[name] = dy.t() @ t
+        if getattr(prm, bias) is not None:
+            grads[bias] = dy.sum(0)
+        return dy @ w
+
+    # the channel branch again: v = W_v xp + b_v, z = W_z v + b_z [, LN] [, W_z2 relu(.)]
+    v, wv = linear(xp, 'ch_wv', 'ch_bv')
+    z, wz = linear(v, 'ch_wz', 'ch_bz')
+    if prm.ch_ln_w is not None:
+        mu = z.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((z - mu).square().mean(-1, keepdim=True) + prm.ln_eps)
+        zn = (z - mu) * rstd
+        ln_w = vec(prm.ch_ln_w)
+        z = zn * ln_w if prm.ch_ln_b is None else zn * ln_w + vec(prm.ch_ln_b)
+    zf = z
+    if prm.ch_wz2 is not None:
+        h = torch.relu(z)
+        zf, wz2 = linear(h, 'ch_wz2', 'ch_bz2')
+    a_ch = torch.sigmoid(zf)
+    q = g * a_ch if seq else g
+    sq, wsq = linear(q, 'sp_wq', 'sp_bq')
+    wsv = mat(prm.sp_wv)
+    dx3 = None
+    if dense is not None:  # a_sp = sigmoid(sq^T softmax_HW((W_sv diag(a_ch)) X))
+        x3, dsp, want_dx3 = dense
+        cast = (lambda t: t) if x3.dtype == acc else (lambda t: t.to(x3.dtype))  # noqa: E731
+        wva = wsv.unsqueeze(0) * a_ch.unsqueeze(1)  # (B, C/2, C)
+        theta = torch.softmax(torch.bmm(cast(wva), x3).to(acc), -1)  # (B, C/2, HW)
+        a_sp = torch.sigmoid(torch.bmm(sq.unsqueeze(1), theta)).squeeze(1)
+        dl = dsp * a_sp * (1 - a_sp)  # the sigmoid's input
+        dsq = torch.bmm(theta, dl.unsqueeze(-1)).squeeze(-1)  # (B, C/2)
+        d_t = cast(theta * sq.unsqueeze(-1) * (dl.unsqueeze(1) - dsq.unsqueeze(-1)))  # softmax
+        dwva = torch.bmm(d_t, x3.transpose(1, 2)).to(acc)  # (B, C/2, C)
+        grads['sp_wv'] = (dwva * a_ch.unsqueeze(1)).sum(0)
+        dach = dach + (dwva * wsv.unsqueeze(0)).sum(1)
+        if want_dx3:
+            dx3 = torch.bmm(cast(wva).transpose(1, 2), d_t)  # (B, C, HW)
+    elif paper:  # u = W_sv^T s (times a_ch, sequential), s = softmax(sq), bias = s^T b_sv
+        s = torch.softmax(sq, -1)
+        du0 = du
+        if seq:
+            du0 = du * a_ch
+            dach = dach + du * (s @ wsv)
+        ds = du0 @ wsv.t()
+        grads['sp_wv'] = s.t() @ du0
+        if prm.sp_bv is not None:
+            ds = ds + dbias * vec(prm.sp_bv)
+            grads['sp_bv'] = (dbias * s).sum(0)
+        dsq = s * (ds - (s * ds).sum(-1, keepdim=True))
+    else:  # official PSA_p: u = W_sv^T sq
+        dsq = du @ wsv.t()
+        grads['sp_wv'] = sq.t() @ du
+    dq = linear_back(dsq, q, wsq, 'sp_wq', 'sp_bq')
+    dg = dq
+    if seq:
+        dg = dq * a_ch
+        dach = dach + dq * g
+    dz = dach * a_ch * (1 - a_ch)  # the sigmoid's input
+    if prm.ch_wz2 is not None:
+        dz = linear_back(dz, h, wz2, 'ch_wz2', 'ch_bz2') * (z > 0)
+    if prm.ch_ln_w is not None:
+        grads['ch_ln_w'] = (dz * zn).sum(0)
+        if prm.ch_ln_b is not None:
+            grads['ch_ln_b'] = dz.sum(0)
+        dzn = dz * ln_w
+        dz = rstd * (dzn - dzn.mean(-1, keepdim=True) - zn * (dzn * zn).mean(-1, keepdim=True))
+    dv = linear_back(dz, v, wz, 'ch_wz', 'ch_bz')
+    dxp = linear_back(dv, xp, wv, 'ch_wv', 'ch_bv')
+    return dxp, dg, dx3, grads
 
 
 def _pool(x: Tensor, sx: Tuple[int, int, int], wq: Tensor,
@@ -451,27 +559,23 @@ class _TritonPSA(torch.autograd.Function):
                 SEQ=seq,
                 HAS_SM=sm is not None,
                 **geo.meta)
-            dlg = dx3 = None
-            # the vector maths again, as a local graph
-            with torch.enable_grad():
-                prm = PSAParams(*_leaves(tensors, needs[4:]), eps)
-                xp_, g_ = _leaves((xp, g), (True, True))
-                a_ch_ = channel_map(xp_, prm)
-                sq_ = spatial_query(g_, a_ch_, prm, seq)
-                if dense:  # the GEMMs again, X's part of the gradient as a tensor
-                    x3_ = _pixels_view(xv, sx).detach().requires_grad_(needs[0])
-                    a_sp_ = sequential_spatial_map(x3_, a_ch_, sq_, prm)
-                    dxp, dg, dx3, *dprm = _grads([a_ch_, a_sp_], [xp_, g_, x3_, *prm.tensors],
-                                                 [dach.sum(0), dsp])
-                else:
-                    if paper:  # a_sp = sigmoid(lg + bias)
-                        dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
-                    else:  # a_sp = sigmoid(sm), sm = softmax(lg)
-                        s = dsp.sum(-1, keepdim=True)
-                        dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
-                    u_, bias_ = spatial_vector(sq_, a_ch_, prm, paper, seq)
-                    dxp, dg, *dprm = _grads([a_ch_, u_, bias_], [xp_, g_, *prm.tensors],
-                                            [dach.sum(0), du, dbias])
+            dlg = dx3 = du = dbias = None
+            prm = PSAParams(*tensors, eps)
+            if dense:
+                pass  # the spatial GEMMs' backward, in _vector_backward
+            elif paper:  # a_sp = sigmoid(lg + bias)
+                dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
+            else:  # a_sp = sigmoid(sm), sm = softmax(lg)
+                s = dsp.sum(-1, keepdim=True)
+                dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
+            dxp, dg, dx3, grads = _vector_backward(
+                xp, g, prm, paper, seq, dach.sum(0), du, dbias,
+                (_pixels_view(xv, sx), dsp, needs[0]) if dense else None)
+            dprm = [
+                None if t is None or not need or n not in grads else
+                grads[n].reshape(t.shape).to(t.dtype)
+                for n, t, need in zip(PARAM_NAMES, tensors, needs[4:])
+            ]
             # pass 2: w_q's gradient and dX
             want_dx, want_dwq = needs[0], needs[4] or needs[5]
             dx = _new_like(x) if want_dx else None
@@ -498,7 +602,6 @@ class _TritonPSA(torch.autograd.Function):
                     geo.c,
                     geo.n,
                     geo.run,
-                    1.0 / geo.n,
                     *sg,
                     *sx,
                     *((0, 0, 0) if dx is None else _bcn(dx)[1]),
@@ -519,9 +622,9 @@ def unsupported(x: Tensor, paper: bool, sequential: bool) -> Optional[str]:
     """Why the Triton kernels cannot evaluate ``x`` (None when they can, device aside)."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f'x must be a floating-point tensor, got dtype {x.dtype}'
-    if x.numel() >= 2**31:
-        return (f'the Triton kernels index with int32: x must have fewer than 2^31 elements, '
-                f'got shape {tuple(x.shape)}')
+    if x.shape[1:].numel() >= _INT32:
+        return (f'the Triton kernels index within a sample with int32: a sample must have '
+                f'fewer than 2^31 elements, got shape {tuple(x.shape)}')
     if x.shape[1] > MAX_CHANNELS:
         return (f'the Triton kernels take at most {MAX_CHANNELS} channels (a tile holds every '
                 f'channel), got {x.shape[1]}')

@@ -251,3 +251,51 @@ def test_half_matches_fp64(variant, mode, dtype, param_dtype, triton_path, block
     assert all(g.dtype == param_dtype for g in got[2].values())
     block_oracle.assert_matches(got, block_oracle.fp64_literal(block, x, grad),
                                 block_oracle.KERNEL_HALF_RTOL[dtype])
+
+
+# ------------------------------------------------- what the interpreter hides
+@pytest.mark.parametrize('variant,mode', SUPPORTED)
+def test_no_float_kernel_arguments(variant, mode, triton_path, block_oracle, randn, monkeypatch):
+    # a Python float argument is an fp32 kernel argument on a GPU, also for fp64 inputs
+    from triton.runtime.interpreter import InterpretedFunction
+    seen, run = [], InterpretedFunction.run
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.fn.__name__, [type(a) for a in args + tuple(kwargs.values())]))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, 'run', recording)
+    block = block_oracle.make(variant, mode, dtype=torch.float64)
+    x = randn(2, C, 3, 2, dtype=torch.float64)
+    block_oracle.fwd_bwd(block, x, torch.randn_like(x))
+    assert {name for name, _ in seen} >= {'_pool_kernel', '_grad_input_kernel'}
+    assert not [(name, t) for name, types in seen for t in types if t is float]
+
+
+def test_sample_offsets_are_int64(triton_kernels, device, monkeypatch):
+    # b * stride in int64: a view into a large tensor passes 2^31 with strides below it
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def offsets(out_ptr, stride, BLOCK_C: tl.constexpr):
+        b, k, offs_c, mask_c, start, end = _KERNELS._program(1, 1, 1, BLOCK_C)
+        tl.store(out_ptr + b, b * stride)
+
+    monkeypatch.setitem(globals(), '_KERNELS', triton_kernels)
+    out = torch.zeros(4, dtype=torch.int64, device=device)
+    offsets[(4, 1)](out, 2**30, BLOCK_C=1)
+    assert out.tolist() == [b * 2**30 for b in range(4)]
+
+
+def test_unsupported_reads_the_sample_not_the_tensor(triton_kernels):
+    # meta tensors: shapes and strides without memory
+    many = torch.empty(2**31 // (48 * 4) + 1, 48, 2, 2, device='meta')
+    assert many.numel() >= 2**31 and triton_kernels.unsupported(many, True, False) is None
+    wide = torch.empty(1, 2048, 2**10, 2**10, device='meta')
+    assert 'fewer than 2^31 elements' in triton_kernels.unsupported(wide, True, False)
+    # a view whose offsets within a sample pass 2^31 is read from a contiguous copy
+    view = torch.empty(1, 4, 2**16, 2**16, device='meta')[:, :, :8, :8]
+    assert triton_kernels._bcn(view)[1] == (256, 64, 1)
+    parent = torch.empty(3, 1024, 8, 8, device='meta')[:, :48]  # batch stride as it is
+    assert triton_kernels._bcn(parent)[1] == (1024 * 64, 64, 1)

@@ -1,6 +1,7 @@
-"""tools/triton_compile_check.py: the Triton kernels compile for an NVIDIA GPU (sm_90)
-here, without one (triton's wheel ships ptxas)."""
+"""tools/triton_compile_check.py: the Triton kernels the runtime launches compile for an NVIDIA
+GPU (sm_90) here, without one (triton's wheel ships ptxas), and keep their tiles in registers."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,21 @@ def _run(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def test_kernels_compile_for_sm90(load_tool):
-    # fp64 (exp in double precision) at the widest tile (8192 channels, one pixel)
-    done = _run('--dtypes', 'fp64', '--tiles', '8192x1')
+def test_runtime_tiles_do_not_spill_on_sm90():
+    # a subset of the GPU check's set: the widest-channel tile (C=384: 512x4), fp32 and bf16,
+    # every variant, as the runtime's tile chooser and launches give them
+    done = _run('--dtypes', 'fp32', 'bf16', '--shapes', '32x384x8x6')
     assert done.returncode == 0, done.stdout + done.stderr
-    total = len(load_tool('triton_compile_check').LAUNCHES)
-    assert f'{total}/{total} compiled for sm_90' in done.stdout
-    assert done.stdout.count('ok sm_90 _grad_input_kernel fp64') == 8
+    lines = [line for line in done.stdout.splitlines() if line.startswith(('ok', 'SPILLS'))]
+    total = int(re.search(r'(\d+) distinct launches', done.stdout).group(1))
+    assert len(lines) == total and f'{total}/{total} compiled for sm_90, 0 spilling' in done.stdout
+    for dtype in ('fp32', 'bf16'):  # every kernel, with the chooser's tile and warps
+        for kernel in ('_pool_kernel', '_spatial_kernel', '_grad_pool_kernel',
+                       '_grad_input_kernel'):
+            assert any(f'{kernel} x={dtype} ' in line and 'BLOCK_C=512 BLOCK_N=4 num_warps=8' in
+                       line for line in lines), (kernel, dtype)
+    spills = [int(v) for line in lines for v in re.findall(r'spill_(?:stores|loads)=(\d+)', line)]
+    assert len(spills) == 2 * total and not any(spills)
 
 
 def test_refuses_the_interpreter():
