@@ -14,16 +14,22 @@ Usage::
     python tools/benchmark_psa.py --device cuda --dtype bf16 --batch 32 \
         --paths literal aten triton bn
     python tools/benchmark_psa.py --parity --device cuda --dtype bf16  # errors vs fp64
-    python tools/benchmark_psa.py --network --device cuda  # HRNet-W48 step (needs timm)
+    # where the time goes: torch.profiler split (Triton kernels, other kernels, host)
+    python tools/benchmark_psa.py --profile --device cuda --dtype bf16 --batch 32 \
+        --paths triton aten bn
+
+The network-level train step (timm's HRNet-W48, stock vs PSA) is
+``tools/benchmark_backbone.py``; the prepared GPU run of all of them is
+``tools/gpu_check.sh``.
 """
 import argparse
 from typing import List, Tuple
 
 import torch
 
-from mmpsa.utils.benchmark import (CONFIGS, HRNET_SHAPES, PATHS, SEG_SHAPES, bench_paths,
-                                   format_paths_table, format_table, hrnet_w48_step, parity,
-                                   run_benchmark)
+from mmpsa.utils.benchmark import (CONFIGS, HRNET_SHAPES, PATHS, SEG_SHAPES, TOLERANCES,
+                                   bench_paths, format_paths_table, format_profile_table,
+                                   format_table, parity, profile_split, run_benchmark)
 
 DTYPES = {
     'fp32': torch.float32,
@@ -82,49 +88,56 @@ def parse_args(argv: List[str] = None) -> argparse.Namespace:
         help='print the error of each of --paths (default: aten triton) against the '
         'literal form in fp64 instead of times')
     parser.add_argument(
-        '--network',
+        '--channels-last', action='store_true', help='--parity: channels_last inputs')
+    parser.add_argument(
+        '--profile',
         action='store_true',
-        help='time a train step of timm\'s HRNet-W48 at 256x192, stock and with PSA, in '
-        'bf16 autocast (needs timm; --batch, --reps, --device apply)')
+        help='print the torch.profiler split of each of --paths (default: triton aten bn): '
+        'step, host, Triton-kernel and other-kernel ms, launches')
     parser.add_argument('--out', help='also write the Markdown table here')
     return parser.parse_args(argv)
 
 
-def _network(args: argparse.Namespace) -> str:
-    rows = [
-        hrnet_w48_step(psa, args.batch, reps=args.reps or 10, device=args.device)
-        for psa in (False, True)
-    ]
-    stock, psa = rows
-    lines = [
-        '| HRNet-W48 256x192 | batch | step ms | params | PSA blocks | ran |',
-        '|---|---:|---:|---:|---:|---|'
-    ]
-    for r in rows:
-        lines.append(f'| {"PSA" if r["psa"] else "stock"} | {args.batch} | {r["ms"]:.2f} '
-                     f'| {r["params"]:,} | {r["blocks"]} | {r["ran"]} |')
-    lines.append(f'- PSA step over stock: {100 * (psa["ms"] / stock["ms"] - 1):+.1f} %, '
-                 f'parameters +{psa["params"] - stock["params"]:,}')
-    return '\n'.join(lines)
-
-
 def _table(args: argparse.Namespace) -> str:
     dtype = DTYPES[args.dtype]
-    if args.network:
-        return _network(args)
+    errors = set()
+    if args.profile:
+        rows = []
+        for variant, mode in args.configs:
+            for shape in args.shapes:
+                for path in args.paths or ['triton', 'aten', 'bn']:
+                    try:
+                        rows.append(
+                            profile_split(variant, mode, shape, path, args.batch, dtype,
+                                          args.device, args.reps or 5))
+                    except (RuntimeError, ValueError) as e:
+                        errors.add(f'- {path} n/a: {type(e).__name__}: {str(e).splitlines()[0]}')
+                        continue
+                    print(format_profile_table(rows[-1:]).splitlines()[2], flush=True)
+        return '\n'.join([format_profile_table(rows)] + sorted(errors))
     if args.parity:
         paths = args.paths or ['aten', 'triton']
+        tol = TOLERANCES.get(dtype)
         lines = [
-            '| variant | mode | dtype | B x C @ H x W | ' + ' | '.join(paths) + ' |',
-            '|' + '---|' * 4 + '---:|' * len(paths)
+            '| variant | mode | dtype | B x C @ H x W | ' + ' | '.join(paths) + ' | bitwise |',
+            '|' + '---|' * 4 + '---:|' * len(paths) + '---|'
         ]
         for variant, mode in args.configs:
             for c, h, w in args.shapes:
-                err = parity(variant, mode, (c, h, w), paths, args.batch, dtype, args.device)
-                cells = [f'{e:.1e}' if isinstance(e, float) else 'n/a' for e in err.values()]
+                res = parity(variant, mode, (c, h, w), paths, args.batch, dtype, args.device,
+                             channels_last=args.channels_last)
+                cells = [
+                    f'{r["error"]:.1e} {r["ran"]}' if isinstance(r, dict) else 'n/a'
+                    for r in res.values()
+                ]
+                same = all(r['bitwise'] for r in res.values() if isinstance(r, dict))
+                errors |= {f'- {p} n/a: {r}' for p, r in res.items() if isinstance(r, str)}
                 lines.append(f'| {variant} | {mode} | {args.dtype} | {args.batch} x {c} @ {h} x '
-                             f'{w} | ' + ' | '.join(cells) + ' |')
+                             f'{w} | ' + ' | '.join(cells) + f' | {"yes" if same else "no"} |')
                 print(lines[-1], flush=True)
+        lines += sorted(errors)
+        if tol is not None:
+            lines.append(f'- tolerance for {args.dtype}: {tol:.0e} (max|err| / max|ref|)')
         return '\n'.join(lines)
     if args.paths:
         results = []

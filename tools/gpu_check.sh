@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# The prepared GPU check of the fused PSA block (issue #21): about 4-5 minutes on one bare
-# NVIDIA machine whose python has torch and triton (mmengine, addict, termcolor, yapf,
-# platformdirs may come as wheels in .whl/). Each section runs under its own timeout and
-# writes its output to OUT_DIR as it goes, so a rerun fits in 15 minutes of machine time.
+# The prepared first run of the PSA block on one bare NVIDIA machine (python, torch, triton,
+# timm; no mmengine, mmcv, cv2, mmseg, mmpose, mmdet needed): at most 420 s, the section
+# limits added up. Each section runs under its own timeout and writes OUT_DIR/<section>.md as
+# it goes; OUT_DIR/summary.txt holds "<section> rc=N" per section (124: timed out).
 #
 #   tools/gpu_check.sh OUT_DIR            # on the GPU
-#   tools/gpu_check.sh OUT_DIR --smoke    # on CPU under TRITON_INTERPRET=1, tiny shapes
+#   tools/gpu_check.sh OUT_DIR --build    # first compile mmpsa._ext in place (+180 s)
+#   tools/gpu_check.sh OUT_DIR --smoke    # on CPU under TRITON_INTERPRET=1, tiny shapes (CI)
 #
-# Sections (OUT_DIR/<name>.md, rc of each in OUT_DIR/summary.txt):
-#   env      GPU, python, torch, triton
-#   build    mmpsa._ext compiled in place (setup.py build_ext), or says it was not
-#   parity   each path against the literal form in fp64 (fp32 and bf16 inputs)
-#   block    literal vs ATen vs Triton fwd+bwd and BatchNorm2d on the same tensors, fp32
-#            and bf16: HRNet-W48 shapes at batch 32 (256x192 input), C=512@128x256 at batch 2
-#   network  timm HRNet-W48 train step, batch 32, 256x192, bf16 autocast: stock vs PSA
+# Sections, in the order a first run must answer them (python -m mmpsa.utils.gpu_check NAME):
+#   preflight  10 s  mmpsa.layers imports, CUDA visible, triton version, mmpsa._ext state
+#   parity    120 s  auto/triton/aten vs the fp64 literal form: multi-tile, unaligned
+#                    (12x9, 13x21), channels_last and segmentation shapes, every variant x
+#                    mode, fp32/bf16/fp64; max|err|/max|ref| over output and every gradient
+#                    within 1e-5 / 2e-2 / 1e-10, two runs bitwise equal; pass/FAIL per row
+#   kernels    20 s  n_regs / n_spills of each compiled Triton kernel (triton's JIT cache)
+#   block     150 s  literal / Triton / ATen / BatchNorm2d fwd+bwd, CUDA events, bf16 and
+#                    fp32, HRNet-W48 shapes at batch 32; torch.profiler split (Triton
+#                    kernels, other kernels, host)
+#   network   120 s  timm HRNet-W48 train step, stock vs PSA, bf16 autocast, batch 32
+# The ATen rows say n/a where mmpsa._ext is not built for this python.
 set -u
-OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [--smoke]}
-MODE=${2:-gpu}
+OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [--smoke] [--build]}
+shift
+MODE=gpu BUILD=0
+for arg in "$@"; do
+    case $arg in
+        --smoke) MODE=smoke ;;
+        --build) BUILD=1 ;;
+        *) echo "unknown argument: $arg" >&2 && exit 2 ;;
+    esac
+done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -24,113 +38,43 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUT/summary.txt"
 
-if [ "$MODE" = --smoke ]; then
+if [ "$MODE" = smoke ]; then
+    # triton reads it when the kernels are decorated: set before mmpsa imports them
     export TRITON_INTERPRET=1
-    # one config, one dtype per section, one shape: the interpreter is slow
-    # (a CI machine may be loaded: each section gets ten times its GPU-mode time limit)
-    SCALE=10 DEV=cpu BATCH=2 SEG_BATCH=2 REPS=1 CONFIGS="paper:sequential"
-    SHAPES="16x5x3" SEG_SHAPES="" PARITY_SHAPES="16x5x3" PARITY_DTYPES=bf16 BLOCK_DTYPES=fp32
+    SCALE=5 # the interpreter is slow, and a CI machine may be loaded
 else
-    SCALE=1 DEV=cuda BATCH=32 SEG_BATCH=2 REPS=20
-    CONFIGS="paper:parallel paper:sequential official:parallel official:sequential"
-    SHAPES="64x64x48 48x64x48 96x32x24 192x16x12 384x8x6" SEG_SHAPES="512x128x256"
-    PARITY_SHAPES="64x64x48 384x8x6" PARITY_DTYPES="fp32 bf16" BLOCK_DTYPES="bf16 fp32"
+    SCALE=1
 fi
 
-# section NAME SECONDS FUNCTION: run it under its timeout, output to OUT/NAME.md
+# section NAME SECONDS [ARGS...]: one section under its timeout, output to OUT/NAME.md
 section() {
     local name=$1 limit=$(($2 * SCALE))
+    shift 2
     echo "== $name (at most ${limit} s)"
-    timeout "$limit" bash -c "$3" > "$OUT/$name.md" 2>&1
+    {
+        echo "# $name"
+        echo
+    } > "$OUT/$name.md"
+    local t0=$SECONDS
+    timeout "$limit" "$PY" -W ignore::UserWarning -m mmpsa.utils.gpu_check "$name" \
+        --preset "$MODE" "$@" >> "$OUT/$name.md" 2>&1
     local rc=$?
     tail -n 40 "$OUT/$name.md"
     [ $rc = 124 ] && echo "(timed out after ${limit} s)" | tee -a "$OUT/$name.md"
+    echo "($name: rc=$rc after $((SECONDS - t0)) s)"
     echo "$name rc=$rc" >> "$OUT/summary.txt"
 }
 
-env_info() {
-    command -v nvidia-smi > /dev/null && nvidia-smi -L
-    "$PY" -c 'import sys, torch
-print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
-      torch.cuda.is_available() and torch.cuda.get_device_name())
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as e:
-    print("triton not importable:", e)'
-    echo "TRITON_INTERPRET=${TRITON_INTERPRET:-0}"
-    if [ "$MODE" = --smoke ]; then ext_state; fi
-}
-
-wheels() {
-    if ls .whl/*.whl > /dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/mmpsa_site .whl/*.whl && echo "installed: $(ls .whl)"
-    else
-        echo 'no .whl folder: using the python as it is'
-    fi
-}
-
-ext_state() {
-    "$PY" -W ignore -c 'from mmpsa.layers import psa_fused as f
-print("mmpsa._ext", "built and loaded" if f._EXT is not None else
-      "NOT built: the aten/cpu rows say n/a, auto falls back to plain ops off CUDA")'
-}
-
-build() {
-    if [ "$MODE" = --smoke ]; then
-        echo 'build skipped (--smoke: the extension as it is here, see env)'
-    else
-        MAX_JOBS=$(nproc) "$PY" setup.py -q build_ext --inplace 2>&1 | tail -n 5
-        ext_state
-    fi
-}
-
-bench() {
-    "$PY" tools/benchmark_psa.py --threads 0 --device "$DEV" "$@"
-}
-
-parity() {
-    for dtype in $PARITY_DTYPES; do
-        # shellcheck disable=SC2086
-        bench --parity --paths auto triton aten --dtype $dtype --batch 2 --configs $CONFIGS \
-            --shapes $PARITY_SHAPES || return
-    done
-}
-
-block() {
-    for dtype in $BLOCK_DTYPES; do
-        # shellcheck disable=SC2086
-        bench --paths literal aten triton bn --dtype $dtype --batch $BATCH --reps $REPS \
-            --configs $CONFIGS --shapes $SHAPES || return
-        [ -z "$SEG_SHAPES" ] && continue
-        # shellcheck disable=SC2086
-        bench --paths literal aten triton bn --dtype $dtype --batch $SEG_BATCH --reps $REPS \
-            --configs $CONFIGS --shapes $SEG_SHAPES || return
-    done
-}
-
-network() {
-    bench --network --batch "$BATCH" --reps 10
-}
-
-export MODE DEV PY BATCH SEG_BATCH REPS CONFIGS SHAPES SEG_SHAPES PARITY_SHAPES PARITY_DTYPES \
-    BLOCK_DTYPES
-export -f env_info ext_state wheels build bench parity block network
-section env 30 env_info
-section wheels 60 wheels
-export PYTHONPATH="/tmp/mmpsa_site:$PYTHONPATH"
-section build 180 build
-section parity 90 parity
-section block 240 block
-if [ "$MODE" = --smoke ]; then
-    echo '== network skipped (--smoke)' | tee "$OUT/network.md"
-    echo 'network skipped' >> "$OUT/summary.txt"
-elif "$PY" -c 'import timm' 2> /dev/null; then
-    section network 150 network
-else
-    echo '== network skipped: timm is not importable' | tee "$OUT/network.md"
-    echo 'network skipped' >> "$OUT/summary.txt"
+section preflight 10
+if [ "$BUILD" = 1 ]; then
+    echo "== build (at most 180 s)"
+    MAX_JOBS=$(nproc) timeout 180 "$PY" setup.py -q build_ext --inplace > "$OUT/build.md" 2>&1
+    echo "build rc=$?" >> "$OUT/summary.txt"
+    tail -n 5 "$OUT/build.md"
 fi
+section parity 120
+section kernels 20 --budget $((10 * SCALE))
+section block 150
+section network 120
 echo '== summary'
 cat "$OUT/summary.txt"

@@ -1,8 +1,10 @@
-"""Benchmark of the PSA block: fused vs literal, fwd+bwd time and saved activations.
+"""Benchmark of the PSA block: fused vs literal, per path, parity and the profiler split.
 
-Library side of ``tools/benchmark_psa.py``. Timings are medians over interleaved
-repetitions (fused, literal, fused, ...) after warm-up, so slow drifts of a shared
-machine hit both forms alike.
+Library side of ``tools/benchmark_psa.py`` and of the block sections of
+``tools/gpu_check.sh`` (:mod:`mmpsa.utils.gpu_check`); imports torch and mmpsa's layers
+alone. Timings are medians over interleaved repetitions (fused, literal, fused, ...) after
+warm-up, so slow drifts of a shared machine hit both forms alike; on a GPU each fwd+bwd is
+timed with CUDA events. The network-level train step is :mod:`.benchmark_backbone`.
 """
 import contextlib
 import copy
@@ -51,12 +53,20 @@ def _sync(device: torch.device) -> None:
 
 
 def _step(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Seconds of one fwd+bwd: CUDA events on a GPU (the device's timeline, host gaps
+    included), ``perf_counter`` elsewhere."""
     x.grad = None
     block.zero_grad(set_to_none=True)
-    _sync(x.device)
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sync(x.device)
+        start.record()
+        block(x).backward(grad)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     block(x).backward(grad)
-    _sync(x.device)
     return time.perf_counter() - t0
 
 
@@ -115,15 +125,22 @@ def bench_shape(variant: str,
 
 
 def _block_and_input(
-        variant: str, mode: str, shape: Tuple[int, int,
-                                              int], batch: int, dtype: torch.dtype, seed: int,
-        device: Union[str, torch.device]) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        variant: str,
+        mode: str,
+        shape: Tuple[int, int, int],
+        batch: int,
+        dtype: torch.dtype,
+        seed: int,
+        device: Union[str, torch.device],
+        channels_last: bool = False) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A fused block, an input that requires grad and an output gradient, seeded."""
     c, h, w = shape
     torch.manual_seed(seed)
     block = PolarizedSelfAttention(c, mode=mode, variant=variant).to(device, dtype)
-    x = torch.randn(batch, c, h, w, dtype=dtype, device=device, requires_grad=True)
-    return block, x, torch.randn(batch, c, h, w, dtype=dtype, device=device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, c, h, w, dtype=dtype, device=device).to(memory_format=layout)
+    grad = torch.randn(batch, c, h, w, dtype=dtype, device=device).to(memory_format=layout)
+    return block, x.requires_grad_(), grad
 
 
 #: What :func:`bench_paths` and :func:`parity` can run: the literal form, a fused block down
@@ -233,6 +250,15 @@ def format_paths_table(results: Sequence[dict]) -> str:
     return '\n'.join(lines)
 
 
+#: The largest error (:func:`parity`) a fused path may have against the fp64 literal form,
+#: by input dtype.
+TOLERANCES: Dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2
+}
+
+
 def parity(variant: str,
            mode: str,
            shape: Tuple[int, int, int],
@@ -240,14 +266,30 @@ def parity(variant: str,
            batch: int = 2,
            dtype: torch.dtype = torch.float32,
            device: Union[str, torch.device] = 'cpu',
-           seed: int = 0) -> Dict[str, Union[float, str]]:
-    """Largest error of each fused path against the literal form in fp64 on ``device``.
+           seed: int = 0,
+           channels_last: bool = False) -> Dict[str, Union[dict, str]]:
+    """Error of each fused path against the literal form in fp64, and its reproducibility.
 
     The error is the max over the output, the input gradient and every parameter gradient
     of ``max |got - ref| / max |ref|`` (``ch_wq.bias``, whose exact gradient is 0, left
-    out). Returns path -> error, or the message of the error that stopped the path.
+    out; compare it with :data:`TOLERANCES`). Each path runs twice on the same tensors.
+
+    Args:
+        variant, mode, shape, batch, dtype, seed: As for :func:`bench_shape`.
+        paths (sequence of str): Fused paths (:data:`mmpsa.layers.BACKENDS`), or
+            ``'literal'`` (the literal form in ``dtype``: how far rounding alone takes it).
+        device (str or torch.device): Default: ``'cpu'``.
+        channels_last (bool): Input and output gradient in ``channels_last``.
+
+    Returns:
+        dict: path -> ``dict(error, ran, bitwise)`` (``ran``: the block's ``last_path``;
+        ``bitwise``: the two runs gave bitwise equal output and gradients), or the message
+        of the error that stopped the path.
     """
-    block, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device)
+    if 'bn' in paths:
+        raise ValueError('parity compares PSA paths: bn (BatchNorm2d) has no literal form')
+    block, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device,
+                                      channels_last)
     ref = copy.deepcopy(block).double()
     ref.fused = False
 
@@ -260,70 +302,126 @@ def parity(variant: str,
         return [out.detach(), xx.grad] + grads
 
     want = run(ref, x.double(), grad.double())
-    errors: Dict[str, Union[float, str]] = {}
+    results: Dict[str, Union[dict, str]] = {}
     for path in paths:
+        module = _path_module(path, block)
         try:
-            with backend(path):
-                got = run(block, x, grad)
-            errors[path] = max(
-                ((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+            with _on_path(path):
+                got = run(module, x, grad)
+                again = run(module, x, grad)
+            results[path] = dict(
+                error=max(((a.double() - b).abs().max() / b.abs().max()).item()
+                          for a, b in zip(got, want)),
+                ran=module.last_path,
+                bitwise=all(torch.equal(a, b) for a, b in zip(got, again)))
         except (RuntimeError, ValueError) as e:
-            errors[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
-    return errors
+            results[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+    return results
 
 
-def hrnet_w48_step(psa: bool,
-                   batch: int = 32,
-                   size: Tuple[int, int] = (256, 192),
-                   reps: int = 10,
-                   device: Union[str, torch.device] = 'cuda',
-                   amp_dtype: Optional[torch.dtype] = torch.bfloat16) -> dict:
-    """Median train step (fwd, bwd, SGD) of timm's HRNet-W48 with a 17-map head on its
-    stride-4 features (a top-down pose network), stock or with a PSA in every residual
-    block (:func:`mmpsa.insertion.insert_psa`, default paper parallel).
+def triton_kernel_names() -> Tuple[str, ...]:
+    """Names of the ``@triton.jit`` kernels of :mod:`mmpsa.layers.psa_triton` (its launched
+    functions, ``*_kernel``); empty when the Triton path is not available here."""
+    from mmpsa.layers import dispatch
+    module = dispatch.triton_module()
+    if module is None:
+        return ()
+    return tuple(
+        sorted(name for name, obj in vars(module).items()
+               if name.endswith('_kernel') and hasattr(obj, 'fn') and hasattr(obj, 'run')))
 
-    Needs timm (not in mmpsa's requirements). Returns ``ms``, ``params``, ``blocks`` (PSAs
-    inserted) and ``ran`` (what the first block ran, :func:`path_taken`).
+
+def profile_split(variant: str,
+                  mode: str,
+                  shape: Tuple[int, int, int],
+                  path: str,
+                  batch: int = 2,
+                  dtype: torch.dtype = torch.float32,
+                  device: Union[str, torch.device] = 'cpu',
+                  steps: int = 5,
+                  seed: int = 0) -> dict:
+    """Where one fwd+bwd of the block down ``path`` (:data:`PATHS`) spends its time.
+
+    After 3 warm-up steps: ``step_ms`` (median of ``steps`` steps, CUDA events on a GPU),
+    ``host_ms`` (median time the host takes to issue one step: no synchronisation at its
+    end, so on a GPU it is the launch cost, the kernels' time where the host waits), and
+    from ``torch.profiler`` over ``steps`` more steps, per step: ``triton_ms`` (the device
+    time of :func:`triton_kernel_names`' kernels), ``other_ms`` (every other device kernel,
+    copy and fill) and ``launches`` (device activities). The device columns are None off
+    CUDA. ``ran``: the path the block took.
     """
-    import timm
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-    from mmpsa.insertion import insert_psa
-    backbone = timm.create_model(
-        'hrnet_w48', pretrained=False, features_only=True, feature_location='')
-    names = insert_psa(backbone, {}) if psa else []
-    level = backbone.feature_info.reduction().index(4)
-    head = torch.nn.Conv2d(backbone.feature_info.channels()[level], 17, 1)
-    model = torch.nn.ModuleDict(dict(backbone=backbone, head=head)).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, *size, device=device)
-    target = torch.randn(batch, 17, size[0] // 4, size[1] // 4, device=device)
-    ran = []
-    if names:
-        model.backbone.get_submodule(names[0]).register_forward_hook(
-            lambda m, args, out: ran.append(path_taken(out)) if not ran else None)
-    device = torch.device(device)
-
-    def step() -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = model['head'](model['backbone'](x)[level])
-            loss = torch.nn.functional.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        return time.perf_counter() - t0
-
-    for _ in range(3):
-        step()
-    times = [step() for _ in range(reps)]
+    block, x, grad = _block_and_input(variant, mode, shape, batch, dtype, seed, device)
+    module = _path_module(path, block)
+    names = triton_kernel_names()
+    with _on_path(path):
+        for _ in range(3):
+            _step(module, x, grad)
+        step = statistics.median(_step(module, x, grad) for _ in range(steps))
+        host = []
+        for _ in range(steps):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            _sync(x.device)
+            t0 = time.perf_counter()
+            module(x).backward(grad)
+            host.append(time.perf_counter() - t0)
+        _sync(x.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                x.grad = None
+                module.zero_grad(set_to_none=True)
+                module(x).backward(grad)
+            _sync(x.device)
+    triton_us = other_us = 0.0
+    launches = 0
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        launches += 1
+        us = event.time_range.elapsed_us()
+        if any(event.name.startswith(name) for name in names):
+            triton_us += us
+        else:
+            other_us += us
+    cuda = x.is_cuda
     return dict(
-        psa=psa,
-        ms=statistics.median(times) * 1e3,
-        params=sum(p.numel() for p in model.parameters()),
-        blocks=len(names),
-        ran=ran[0] if ran else 'stock')
+        variant=variant,
+        mode=mode,
+        shape=shape,
+        batch=batch,
+        dtype=str(dtype).replace('torch.', ''),
+        path=path,
+        ran=getattr(module, 'last_path', 'bn'),
+        step_ms=step * 1e3,
+        host_ms=statistics.median(host) * 1e3,
+        triton_ms=triton_us / steps / 1e3 if cuda else None,
+        other_ms=other_us / steps / 1e3 if cuda else None,
+        launches=launches / steps if cuda else None)
+
+
+def format_profile_table(rows: Sequence[dict]) -> str:
+    """A Markdown table of :func:`profile_split` rows (``n/a``: not on CUDA)."""
+
+    def ms(v: Optional[float]) -> str:
+        return 'n/a' if v is None else f'{v:.3f}'
+
+    lines = [
+        '| variant | mode | dtype | B x C @ H x W | path | ran | step ms | host ms (issue) '
+        '| Triton kernels ms | other kernels ms | launches |',
+        '|---|---|---|---|---|---|---:|---:|---:|---:|---:|'
+    ]
+    for r in rows:
+        c, h, w = r['shape']
+        launches = 'n/a' if r['launches'] is None else f'{r["launches"]:.0f}'
+        lines.append(f'| {r["variant"]} | {r["mode"]} | {r["dtype"]} | {r["batch"]} x {c} @ {h} '
+                     f'x {w} | {r["path"]} | {r["ran"]} | {ms(r["step_ms"])} | '
+                     f'{ms(r["host_ms"])} | {ms(r["triton_ms"])} | {ms(r["other_ms"])} | '
+                     f'{launches} |')
+    return '\n'.join(lines)
 
 
 def geomean(values: Sequence[float]) -> float:

@@ -8,7 +8,25 @@ from mmpose.registry import MODELS
 
 from mmpsa.layers import PolarizedSelfAttention
 from mmpsa.pose.backbones import PSAHRNet, PSAResNet, PSAResNetV1d
-from mmpsa.utils.benchmark_backbone import HRNET_W48_EXTRA
+
+#: mmpose's HRNet-W48 (the top-down 256x192 pose backbone).
+HRNET_W48_EXTRA = dict(
+    stage1=dict(
+        num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(4, ), num_channels=(64, )),
+    stage2=dict(
+        num_modules=1, num_branches=2, block='BASIC', num_blocks=(4, 4), num_channels=(48, 96)),
+    stage3=dict(
+        num_modules=4,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(4, 4, 4),
+        num_channels=(48, 96, 192)),
+    stage4=dict(
+        num_modules=3,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(4, 4, 4, 4),
+        num_channels=(48, 96, 192, 384)))
 
 #: A narrow HRNet: 2 Bottlenecks in stage 1, one BasicBlock per branch after (2+2+3+4).
 NARROW = dict(
