@@ -81,3 +81,35 @@ def add_safe_globals(items: Iterable[Any]) -> bool:
         return False
     torch.serialization.add_safe_globals(list(items))
     return True
+
+
+# torch.compiler.is_exporting: torch 2.6 (before, torch.export and torch.compile cannot be told
+# apart from inside: is_compiling() is True for both).
+def is_exporting() -> bool:
+    """Whether the code runs under ``torch.export`` tracing (False where torch cannot tell)."""
+    fn: Optional[Callable[[], bool]] = getattr(getattr(torch, 'compiler', None), 'is_exporting',
+                                               None)
+    return bool(fn()) if fn is not None else False
+
+
+# torch.library.triton_op and torch.library.wrap_triton: torch 2.6. A custom op whose body
+# launches Triton kernels through wrap_triton: torch.compile traces into it and sees the kernels;
+# its fake implementation is the body itself, run on fake tensors (register_fake(fn)).
+def has_triton_op() -> bool:
+    """Whether torch has ``torch.library.triton_op`` and ``wrap_triton`` (torch >= 2.6)."""
+    library = torch.library
+    return (torch_version() >= (2, 6) and hasattr(library, 'triton_op')
+            and hasattr(library, 'wrap_triton'))
+
+
+def triton_op(name: str, fn: Callable, mutates_args: Iterable[str] = ()) -> Any:
+    """``torch.library.triton_op(name, fn, mutates_args=...)`` (torch >= 2.6)."""
+    if not has_triton_op():
+        raise UnsupportedVersionError(f'torch.library.triton_op ({name}) needs torch >= 2.6, '
+                                      f'this is torch {torch.__version__}')
+    return torch.library.triton_op(name, fn, mutates_args=tuple(mutates_args))
+
+
+def wrap_triton(kernel: Any) -> Any:
+    """``torch.library.wrap_triton(kernel)`` where torch has it (torch >= 2.6), else ``kernel``."""
+    return torch.library.wrap_triton(kernel) if has_triton_op() else kernel

@@ -205,13 +205,30 @@ def _use_triton(x: Tensor, paper: bool, seq: bool, forced: bool) -> bool:
 
 
 # ------------------------------------------------------------------ the choice
+def _compiled_triton(x: Tensor, paper: bool, seq: bool) -> bool:
+    """Under ``torch.compile``: whether the Triton kernels run ``x`` as the custom op
+    ``mmpsa::psa_triton``, which the compiler traces into (torch >= 2.6; CUDA tensors under
+    ``auto``, CPU tensors only when ``triton`` is asked for under the interpreter). Everything
+    else, ``torch.export`` included, runs plain ops there."""
+    if compat.is_exporting() or not compat.has_triton_op():
+        return False
+    path = selected_backend()
+    if not (path == 'triton' or (path == 'auto' and x.is_cuda)):
+        return False
+    kernels = triton_module()
+    return (kernels is not None and kernels.unsupported(x, paper, seq) is None
+            and (x.is_cuda or kernels.INTERPRET))
+
+
 def choose_path(x: Tensor, paper: bool, sequential: bool) -> str:
     """The path the fused block takes for ``x`` (one of :data:`PATHS` but ``'literal'``).
 
     Raises where a forced path cannot run ``x``.
     """
-    if torch.jit.is_tracing() or compat.is_compiling() or x.numel() == 0:
+    if torch.jit.is_tracing() or x.numel() == 0:
         return 'plain'
+    if compat.is_compiling():
+        return 'triton' if _compiled_triton(x, paper, sequential) else 'plain'
     path = selected_backend()
     if path == 'auto':
         if _use_triton(x, paper, sequential, False):

@@ -47,12 +47,14 @@ for fp64 inputs): ``1/HW`` and the like are divisions in the kernel, in ``ACC``.
 """
 import contextlib
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
+from .. import compat
 from .precision import acc_dtype, no_autocast
 from .psa_fused import (PARAM_NAMES, PSAParams, channel_map, maps_for_hooks,
                         sequential_spatial_map, spatial_query, spatial_vector)
@@ -280,6 +282,23 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+def _launch(kernel, grid):
+    """``kernel[grid]``, through ``torch.library.wrap_triton`` where torch has it (inside the
+    custom op :func:`torch.compile` then sees the launch); on the fake tensors of a trace under
+    the interpreter (whose kernels run only real tensors) a launch that does nothing."""
+    if isinstance(kernel, JITFunction):
+        kernel = compat.wrap_triton(kernel)
+    elif INTERPRET:
+        return lambda *args, **kwargs: None if _is_fake(args[0]) else kernel[grid](*args, **kwargs)
+    return kernel[grid]
+
+
+def _is_fake(t: Tensor) -> bool:
+    """Whether ``t`` has no data (a fake tensor of a trace, or a ``meta`` tensor)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return t.device.type == 'meta' or is_fake(t)
+
+
 def _bcn(t: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
     """``t`` ``(B, C, H, W)`` and its strides as a ``(B, C, HW)`` tensor (contiguous,
     channels_last and expanded tensors as they are; others made contiguous)."""
@@ -442,7 +461,7 @@ def _pool(x: Tensor, sx: Tuple[int, int, int], wq: Tensor,
     r = geo.vectors(geo.b, geo.n)
     m, den = geo.vectors(geo.runs, geo.b), geo.vectors(geo.runs, geo.b)
     xe, xs = geo.vectors(geo.runs, geo.b, geo.c), geo.vectors(geo.runs, geo.b, geo.c)
-    _pool_kernel[geo.grid](x, wq, r, m, den, xe, xs, geo.b, geo.c, geo.n, geo.run, *sx, **geo.meta)
+    _launch(_pool_kernel, geo.grid)(x, wq, r, m, den, xe, xs, geo.b, geo.c, geo.n, geo.run, *sx, **geo.meta)
     scale = torch.exp(m - m.amax(0))  # the runs' online softmaxes merged
     xp = (xe * scale.unsqueeze(-1)).sum(0) / (den * scale).sum(0).unsqueeze(-1)
     return r, xp, xs.sum(0) / geo.n
@@ -455,7 +474,7 @@ def _spatial(x: Tensor, sx: Tuple[int, int, int], geo: _Launch, spatial: int, u:
     a_sp = geo.vectors(geo.b, geo.n) if a_sp is None else a_sp
     out = None if spatial == _LOGITS else _new_like(x)
     so = (0, 0, 0) if out is None else _bcn(out)[1]
-    _spatial_kernel[geo.grid](
+    _launch(_spatial_kernel, geo.grid)(
         x,
         x if u is None else u,
         x if bias is None else bias,
@@ -480,141 +499,159 @@ def _pixels_view(xv: Tensor, sx: Tuple[int, int, int]) -> Tensor:
     return xv.as_strided((b, c, h * w), sx, xv.storage_offset())
 
 
-class _TritonPSA(torch.autograd.Function):
-    """The fused block over the Triton kernels; inputs ``(x, paper, seq, eps, *tensors)``
-    (``tensors``: :attr:`PSAParams.tensors`), outputs ``(out, a_ch, a_sp)``.
+def _forward(x: Tensor, paper: bool, seq: bool, eps: float,
+             tensors: List[Optional[Tensor]]) -> List[Tensor]:
+    """The forward: ``[out, a_ch, a_sp]`` (the maps for the hooks) and what backward keeps,
+    ``[r, X p, GP(X), a_ch, a_sp, softmax (PSA_p), u]`` (the last two empty where unused)."""
+    b, c, h, w = x.shape
+    prm = PSAParams(*tensors, eps)
+    geo = _Launch(x)
+    xv, sx = _bcn(x)
+    sm = u = None
+    with no_autocast(x):
+        wq = prm.ch_wq.detach().flatten().to(geo.acc).contiguous()
+        r, xp, g = _pool(xv, sx, wq, geo)
+        a_ch = channel_map(xp, prm)
+        sq = spatial_query(g, a_ch, prm, seq)
+        if not paper and seq:  # official PSA_s
+            a_sp = sequential_spatial_map(_pixels_view(xv, sx), a_ch, sq, prm)
+            _, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, a_sp, seq)
+        else:
+            u, bias = spatial_vector(sq, a_ch, prm, paper, seq)
+            u = u.contiguous()
+            if paper:
+                a_sp, out = _spatial(xv, sx, geo, _SIGMOID, u, bias, a_ch, None, seq)
+            else:  # official PSA_p: sigmoid(softmax over the pixels of the logits)
+                lg, _ = _spatial(xv, sx, geo, _LOGITS, u, None, None, None, seq)
+                sm = torch.softmax(lg, -1)
+                a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm),
+                                     seq)
+    a_ch4 = maps_for_hooks(a_ch.view(b, c, 1, 1), x.dtype)
+    a_sp4 = maps_for_hooks(a_sp.view(b, 1, h, w), x.dtype)
+    absent = [t if t is not None else x.new_empty(0, dtype=geo.acc) for t in (sm, u)]
+    return [out, a_ch4, a_sp4, r, xp, g, a_ch, a_sp, *absent]
 
-    Official PSA_s (``dense``): its spatial map, a softmax over the pixels of each of the
-    C/2 channels of ``W_v(a_ch * X)``, is two batched GEMMs
-    (:func:`psa_fused.sequential_spatial_map`, cuBLAS on CUDA), recomputed in backward
-    under autograd; its other passes are the kernels'."""
 
-    @staticmethod
-    def forward(ctx, x: Tensor, paper: bool, seq: bool, eps: float, *tensors: Optional[Tensor]):
-        b, c, h, w = x.shape
+def _backward(dout: Tensor, x: Tensor, saved: List[Tensor], paper: bool, seq: bool, eps: float,
+              tensors: List[Optional[Tensor]], needs: List[bool]) -> List[Optional[Tensor]]:
+    """The backward: ``[dX, *parameter gradients]`` (None where ``needs``, for ``x`` and
+    then each of ``tensors``, says no) from what :func:`_forward` kept (``saved``)."""
+    r, xp, g, a_ch, a_sp, sm, u = (t if t.numel() or i < 5 else None for i, t in enumerate(saved))
+    dense = not paper and seq
+    geo = _Launch(x)
+    xv, sx = _bcn(x)
+    gv, sg = _bcn(dout)
+    with no_autocast(x):
+        # pass 1: dA_ch, dA_sp and the logits' gradient reduced over the pixels
+        if dense:  # dsp = dA_sp
+            k1 = torch.ones_like(a_sp)
+        else:
+            k1 = a_sp * (1 - a_sp) if paper else sm * a_sp * (1 - a_sp)
+        dsp = geo.vectors(geo.b, geo.n)
+        dach, p1, p2 = (geo.vectors(geo.runs, geo.b, geo.c) for _ in range(3))
+        _launch(_grad_pool_kernel, geo.grid)(
+            gv,
+            xv,
+            a_ch,
+            a_sp,
+            k1,
+            xv if sm is None else sm,
+            dsp,
+            dach,
+            p1,
+            p2,
+            geo.b,
+            geo.c,
+            geo.n,
+            geo.run,
+            *sg,
+            *sx,
+            SEQ=seq,
+            HAS_SM=sm is not None,
+            **geo.meta)
+        dlg = dx3 = du = dbias = None
         prm = PSAParams(*tensors, eps)
-        geo = _Launch(x)
-        xv, sx = _bcn(x)
-        sm = u = None
-        with no_autocast(x):
-            wq = prm.ch_wq.detach().flatten().to(geo.acc).contiguous()
-            r, xp, g = _pool(xv, sx, wq, geo)
-            a_ch = channel_map(xp, prm)
-            sq = spatial_query(g, a_ch, prm, seq)
-            if not paper and seq:  # official PSA_s
-                a_sp = sequential_spatial_map(_pixels_view(xv, sx), a_ch, sq, prm)
-                _, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, a_sp, seq)
-            else:
-                u, bias = spatial_vector(sq, a_ch, prm, paper, seq)
-                u = u.contiguous()
-                if paper:
-                    a_sp, out = _spatial(xv, sx, geo, _SIGMOID, u, bias, a_ch, None, seq)
-                else:  # official PSA_p: sigmoid(softmax over the pixels of the logits)
-                    lg, _ = _spatial(xv, sx, geo, _LOGITS, u, None, None, None, seq)
-                    sm = torch.softmax(lg, -1)
-                    a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm),
-                                         seq)
-        ctx.save_for_backward(x, r, xp, g, a_ch, a_sp, sm, u, *tensors)
-        ctx.flags = (paper, seq, eps)
-        a_ch4, a_sp4 = maps_for_hooks(a_ch.view(b, c, 1, 1),
-                                  x.dtype), maps_for_hooks(a_sp.view(b, 1, h, w), x.dtype)
-        ctx.mark_non_differentiable(a_ch4, a_sp4)
-        return out, a_ch4, a_sp4
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor, _da_ch: Tensor, _da_sp: Tensor):
-        x, r, xp, g, a_ch, a_sp, sm, u, *tensors = ctx.saved_tensors
-        paper, seq, eps = ctx.flags
-        dense = not paper and seq
-        needs = ctx.needs_input_grad
-        geo = _Launch(x)
-        xv, sx = _bcn(x)
-        gv, sg = _bcn(dout)
-        with no_autocast(x):
-            # pass 1: dA_ch, dA_sp and the logits' gradient reduced over the pixels
-            if dense:  # dsp = dA_sp
-                k1 = torch.ones_like(a_sp)
-            else:
-                k1 = a_sp * (1 - a_sp) if paper else sm * a_sp * (1 - a_sp)
-            dsp = geo.vectors(geo.b, geo.n)
-            dach, p1, p2 = (geo.vectors(geo.runs, geo.b, geo.c) for _ in range(3))
-            _grad_pool_kernel[geo.grid](
+        if dense:
+            pass  # the spatial GEMMs' backward, in _vector_backward
+        elif paper:  # a_sp = sigmoid(lg + bias)
+            dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
+        else:  # a_sp = sigmoid(sm), sm = softmax(lg)
+            s = dsp.sum(-1, keepdim=True)
+            dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
+        dxp, dg, dx3, grads = _vector_backward(
+            xp, g, prm, paper, seq, dach.sum(0), du, dbias,
+            (_pixels_view(xv, sx), dsp, needs[0]) if dense else None)
+        dprm = [
+            None if t is None or not need or n not in grads else
+            grads[n].reshape(t.shape).to(t.dtype)
+            for n, t, need in zip(PARAM_NAMES, tensors, needs[1:])
+        ]
+        # pass 2: w_q's gradient and dX
+        want_dx, want_dwq = needs[0], needs[1] or needs[2]
+        dx = _new_like(x) if want_dx else None
+        if want_dx or want_dwq:
+            p = torch.softmax(r, -1)
+            dwq, drs = geo.vectors(geo.runs, geo.b, geo.c), geo.vectors(geo.runs, geo.b)
+            wq = tensors[0].detach().flatten().to(geo.acc).contiguous()
+            _launch(_grad_input_kernel, geo.grid)(
                 gv,
                 xv,
+                xv if dx is None else dx,
                 a_ch,
                 a_sp,
-                k1,
-                xv if sm is None else sm,
-                dsp,
-                dach,
-                p1,
-                p2,
+                wq,
+                dxp.contiguous(),
+                p, (dxp * xp).sum(-1),
+                dg.contiguous(),
+                xv if u is None else u,
+                xv if dlg is None else dlg.contiguous(),
+                xv if dx3 is None else dx3,
+                dwq,
+                drs,
                 geo.b,
                 geo.c,
                 geo.n,
                 geo.run,
                 *sg,
                 *sx,
+                *((0, 0, 0) if dx is None else _bcn(dx)[1]),
+                *((0, 0, 0) if dx3 is None else dx3.stride()),
                 SEQ=seq,
-                HAS_SM=sm is not None,
+                WANT_DX=want_dx,
+                WANT_DWQ=want_dwq,
+                DENSE=dense,
                 **geo.meta)
-            dlg = dx3 = du = dbias = None
-            prm = PSAParams(*tensors, eps)
-            if dense:
-                pass  # the spatial GEMMs' backward, in _vector_backward
-            elif paper:  # a_sp = sigmoid(lg + bias)
-                dlg, du, dbias = dsp, p1.sum(0), dsp.sum(-1, keepdim=True)
-            else:  # a_sp = sigmoid(sm), sm = softmax(lg)
-                s = dsp.sum(-1, keepdim=True)
-                dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
-            dxp, dg, dx3, grads = _vector_backward(
-                xp, g, prm, paper, seq, dach.sum(0), du, dbias,
-                (_pixels_view(xv, sx), dsp, needs[0]) if dense else None)
-            dprm = [
-                None if t is None or not need or n not in grads else
-                grads[n].reshape(t.shape).to(t.dtype)
-                for n, t, need in zip(PARAM_NAMES, tensors, needs[4:])
-            ]
-            # pass 2: w_q's gradient and dX
-            want_dx, want_dwq = needs[0], needs[4] or needs[5]
-            dx = _new_like(x) if want_dx else None
-            if want_dx or want_dwq:
-                p = torch.softmax(r, -1)
-                dwq, drs = geo.vectors(geo.runs, geo.b, geo.c), geo.vectors(geo.runs, geo.b)
-                wq = tensors[0].detach().flatten().to(geo.acc).contiguous()
-                _grad_input_kernel[geo.grid](
-                    gv,
-                    xv,
-                    xv if dx is None else dx,
-                    a_ch,
-                    a_sp,
-                    wq,
-                    dxp.contiguous(),
-                    p, (dxp * xp).sum(-1),
-                    dg.contiguous(),
-                    xv if u is None else u,
-                    xv if dlg is None else dlg.contiguous(),
-                    xv if dx3 is None else dx3,
-                    dwq,
-                    drs,
-                    geo.b,
-                    geo.c,
-                    geo.n,
-                    geo.run,
-                    *sg,
-                    *sx,
-                    *((0, 0, 0) if dx is None else _bcn(dx)[1]),
-                    *((0, 0, 0) if dx3 is None else dx3.stride()),
-                    SEQ=seq,
-                    WANT_DX=want_dx,
-                    WANT_DWQ=want_dwq,
-                    DENSE=dense,
-                    **geo.meta)
-                if needs[4]:  # w_q: r = w_q^T X
-                    dprm[0] = dwq.sum((0, 1)).view_as(tensors[0]).to(tensors[0].dtype)
-                if needs[5]:  # b_q: cancels in the softmax (its gradient is 0 up to rounding)
-                    dprm[1] = drs.sum().view_as(tensors[1]).to(tensors[1].dtype)
+            if needs[1]:  # w_q: r = w_q^T X
+                dprm[0] = dwq.sum((0, 1)).view_as(tensors[0]).to(tensors[0].dtype)
+            if needs[2]:  # b_q: cancels in the softmax (its gradient is 0 up to rounding)
+                dprm[1] = drs.sum().view_as(tensors[1]).to(tensors[1].dtype)
+    return [dx, *dprm]
+
+
+class _TritonPSA(torch.autograd.Function):
+    """The fused block over the Triton kernels; inputs ``(x, paper, seq, eps, *tensors)``
+    (``tensors``: :attr:`PSAParams.tensors`), outputs ``(out, a_ch, a_sp)``.
+
+    Official PSA_s (``dense``): its spatial map, a softmax over the pixels of each of the
+    C/2 channels of ``W_v(a_ch * X)``, is two batched GEMMs
+    (:func:`psa_fused.sequential_spatial_map`, cuBLAS on CUDA), recomputed in backward;
+    its other passes are the kernels'."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, paper: bool, seq: bool, eps: float, *tensors: Optional[Tensor]):
+        out, a_ch4, a_sp4, *saved = _forward(x, paper, seq, eps, list(tensors))
+        ctx.save_for_backward(x, *saved, *tensors)
+        ctx.flags = (paper, seq, eps)
+        ctx.mark_non_differentiable(a_ch4, a_sp4)
+        return out, a_ch4, a_sp4
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor, _da_ch: Tensor, _da_sp: Tensor):
+        x, *rest = ctx.saved_tensors
+        saved, tensors = rest[:7], rest[7:]
+        needs = ctx.needs_input_grad
+        dx, *dprm = _backward(dout, x, saved, *ctx.flags, tensors, [needs[0], *needs[4:]])
         return (dx, None, None, None, *dprm)
 
 
@@ -631,8 +668,69 @@ def unsupported(x: Tensor, paper: bool, sequential: bool) -> Optional[str]:
     return None
 
 
-def fused_psa(x: Tensor, paper: bool, sequential: bool,
-              params: PSAParams) -> Tuple[Tensor, Tensor, Tensor]:
+def _device(x: Tensor):
+    """Kernels launch on the current device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _expand(given: List[Tensor], present: List[bool]) -> List[Optional[Tensor]]:
+    """:attr:`PSAParams.tensors` from the present ones and the mask (an op's list of tensors
+    holds no None: autograd would not see the tensors of such a list)."""
+    it = iter(given)
+    return [next(it) if p else None for p in present]
+
+
+def _op_forward(x: Tensor, paper: bool, seq: bool, eps: float, params: List[Tensor],
+                present: List[bool]) -> List[Tensor]:
+    with _device(x):
+        return _forward(x, paper, seq, eps, _expand(params, present))
+
+
+def _op_backward(dout: Tensor, x: Tensor, saved: List[Tensor], paper: bool, seq: bool, eps: float,
+                 params: List[Tensor], present: List[bool], needs: List[bool]) -> List[Tensor]:
+    with _device(x):
+        grads = _backward(dout, x, saved, paper, seq, eps, _expand(params, present), needs)
+    return [x.new_empty(0) if t is None else t for t in grads]  # an op returns no None
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    x, paper, seq, eps, params, present = inputs
+    ctx.save_for_backward(x, *output[3:], *params)
+    ctx.flags, ctx.present = (paper, seq, eps), present
+    ctx.needs = [x.requires_grad, *(p is not None and p.requires_grad
+                                    for p in _expand(params, present))]
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _op_autograd(ctx, grads):
+    x, *rest = ctx.saved_tensors
+    saved, params = rest[:7], rest[7:]
+    got = _OPS[1](grads[0], x, saved, *ctx.flags, params, ctx.present, ctx.needs)
+    dx, *dparams = [t if need else None for t, need in zip(got, ctx.needs)]
+    return dx, None, None, None, [d for d, p in zip(dparams, ctx.present) if p], None
+
+
+def _define_ops() -> Optional[tuple]:
+    """The custom ops ``mmpsa::psa_triton`` (forward, with autograd) and
+    ``mmpsa::psa_triton_backward`` (torch >= 2.6; None before)."""
+    if not compat.has_triton_op():
+        return None
+    forward = compat.triton_op('mmpsa::psa_triton', _op_forward)
+    backward = compat.triton_op('mmpsa::psa_triton_backward', _op_backward)
+    forward.register_autograd(_op_autograd, setup_context=_op_setup_context)
+    return forward, backward
+
+
+#: ``(forward, backward)`` custom ops (torch.compile traces them and sees the Triton kernels),
+#: or None on a torch without ``torch.library.triton_op``.
+_OPS = _define_ops()
+
+
+def fused_psa(x: Tensor,
+              paper: bool,
+              sequential: bool,
+              params: PSAParams,
+              traceable: Optional[bool] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The block's fused evaluation through the Triton kernels: ``(out, a_ch, a_sp)``.
 
     Args:
@@ -640,6 +738,9 @@ def fused_psa(x: Tensor, paper: bool, sequential: bool,
         paper (bool): Paper variant (True) or the official one (False).
         sequential (bool): Sequential mode.
         params (PSAParams): The block's parameters.
+        traceable (bool, optional): Go through the custom op ``mmpsa::psa_triton``, which
+            ``torch.compile`` traces into (torch >= 2.6), rather than the autograd Function
+            (less Python per call). Default: under ``torch.compile``.
 
     Returns:
         tuple: The output and the maps, as :func:`mmpsa.layers.dispatch.fused_function` gives them.
@@ -647,6 +748,12 @@ def fused_psa(x: Tensor, paper: bool, sequential: bool,
     reason = unsupported(x, paper, sequential)
     if reason is not None:
         raise ValueError(f'{reason} (paper={paper}, sequential={sequential})')
+    if traceable is None:
+        traceable = compat.is_compiling()
+    if traceable and _OPS is not None:
+        present = [t is not None for t in params.tensors]
+        given = [t for t in params.tensors if t is not None]
+        return tuple(_OPS[0](x, paper, sequential, params.ln_eps, given, present)[:3])
     # kernels launch on the current device (autograd runs backward on the input's device)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with _device(x):
         return tuple(_TritonPSA.apply(x, paper, sequential, params.ln_eps, *params.tensors))
