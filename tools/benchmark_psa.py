@@ -28,8 +28,9 @@ from typing import List, Tuple
 import torch
 
 from mmpsa.utils.benchmark import (CONFIGS, HRNET_SHAPES, PATHS, SEG_SHAPES, TOLERANCES,
-                                   bench_paths, format_paths_table, format_profile_table,
-                                   format_table, parity, profile_split, run_benchmark)
+                                   bench_paths, error_text, format_paths_table,
+                                   format_profile_table, format_table, parity, profile_split,
+                                   run_benchmark)
 
 DTYPES = {
     'fp32': torch.float32,
@@ -110,8 +111,8 @@ def _table(args: argparse.Namespace) -> str:
                         rows.append(
                             profile_split(variant, mode, shape, path, args.batch, dtype,
                                           args.device, args.reps or 5))
-                    except (RuntimeError, ValueError) as e:
-                        errors.add(f'- {path} n/a: {type(e).__name__}: {str(e).splitlines()[0]}')
+                    except Exception as e:  # noqa: BLE001  (the table notes it)
+                        errors.add(f'- {path} n/a: {error_text(e)}')
                         continue
                     print(format_profile_table(rows[-1:]).splitlines()[2], flush=True)
         return '\n'.join([format_profile_table(rows)] + sorted(errors))
@@ -124,8 +125,14 @@ def _table(args: argparse.Namespace) -> str:
         ]
         for variant, mode in args.configs:
             for c, h, w in args.shapes:
-                res = parity(variant, mode, (c, h, w), paths, args.batch, dtype, args.device,
-                             channels_last=args.channels_last)
+                res = parity(
+                    variant,
+                    mode, (c, h, w),
+                    paths,
+                    args.batch,
+                    dtype,
+                    args.device,
+                    channels_last=args.channels_last)
                 cells = [
                     f'{r["error"]:.1e} {r["ran"]}' if isinstance(r, dict) else 'n/a'
                     for r in res.values()

@@ -11,7 +11,7 @@ import copy
 import math
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -144,9 +144,14 @@ def _block_and_input(
 
 
 #: What :func:`bench_paths` and :func:`parity` can run: the literal form, a fused block down
-#: one fused path (:func:`mmpsa.layers.backend`), and BatchNorm2d on the same tensor (the memory-bound
-#: reference; timing only).
+#: one fused path (:func:`mmpsa.layers.backend`), and BatchNorm2d on the same tensor (the
+#: memory-bound reference; timing only).
 PATHS = ('literal', 'auto', 'triton', 'cpu', 'aten', 'plain', 'bn')
+
+
+def error_text(e: BaseException) -> str:
+    """``'Type: first line of the message'``, for a table cell or a note."""
+    return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
 
 
 def _on_path(path: str):
@@ -202,8 +207,8 @@ def bench_paths(variant: str,
                     _step(modules[path], x, grad)
             taken[path] = getattr(modules[path], 'last_path', 'bn')
             times[path] = []
-        except (RuntimeError, ValueError) as e:
-            times[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+        except Exception as e:  # noqa: BLE001  (e.g. triton's compile errors: the cell says)
+            times[path] = error_text(e)
     for _ in range(reps):
         for path in paths:
             if isinstance(times[path], list):
@@ -314,8 +319,8 @@ def parity(variant: str,
                           for a, b in zip(got, want)),
                 ran=module.last_path,
                 bitwise=all(torch.equal(a, b) for a, b in zip(got, again)))
-        except (RuntimeError, ValueError) as e:
-            results[path] = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+        except Exception as e:  # noqa: BLE001  (e.g. triton's compile errors: the cell says)
+            results[path] = error_text(e)
     return results
 
 

@@ -342,8 +342,9 @@ def run(networks: Sequence[str] = ('hrnet-w48', 'r50-d8'),
                 device=device,
                 amp=amp_dtype,
                 log=log))
-    where = (torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else
-             f'CPU, {torch.get_num_threads()} thread(s)')
+    where = (
+        torch.cuda.get_device_name(device)
+        if torch.device(device).type == 'cuda' else f'CPU, {torch.get_num_threads()} thread(s)')
     precision = f'{amp_dtype} autocast'.replace('torch.', '') if amp_dtype else 'fp32'
     header = (f'{where}, {precision}, {versions}; one train step (fwd + bwd + SGD), medians '
               f'of {reps} interleaved reps after {warmup} warm-up; PSA: paper variant, '

@@ -54,8 +54,8 @@ def test_hrnet_w48_is_timms_with_a_psa_in_every_residual_block():
 
 
 def test_parity_gives_error_path_and_reproducibility():
-    res = benchmark.parity('official', 'sequential', (32, 5, 3), ('literal', 'plain', 'triton'),
-                           channels_last=True)
+    res = benchmark.parity(
+        'official', 'sequential', (32, 5, 3), ('literal', 'plain', 'triton'), channels_last=True)
     assert res['literal']['ran'] == 'literal' and res['plain']['ran'] == 'plain'
     for path in ('literal', 'plain'):
         assert 0 <= res[path]['error'] <= benchmark.TOLERANCES[torch.float32]

@@ -35,12 +35,13 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(site))
     env.pop('MMPSA_BACKEND', None)
     out = tmp / 'out'
-    proc = subprocess.run(['bash', str(REPO / 'tools' / 'gpu_check.sh'),
-                           str(out), '--smoke'],
-                          env=env,
-                          capture_output=True,
-                          text=True,
-                          timeout=3000)
+    proc = subprocess.run(
+        ['bash', str(REPO / 'tools' / 'gpu_check.sh'),
+         str(out), '--smoke'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000)
     return proc, out
 
 
@@ -64,8 +65,9 @@ def test_parity_rows_within_tolerance_and_name_the_paths(smoke):
     assert header[6:10] == ['literal', 'auto', 'triton', 'aten'], header
     rows = _rows(text, 'paper|official')
     # every variant x mode, and fp32, bf16, fp64, channels_last
-    assert {(r[0], r[1]) for r in rows} == {('paper', 'parallel'), ('paper', 'sequential'),
-                                            ('official', 'parallel'), ('official', 'sequential')}
+    assert {(r[0], r[1])
+            for r in rows} == {('paper', 'parallel'), ('paper', 'sequential'),
+                               ('official', 'parallel'), ('official', 'sequential')}
     assert {r[2] for r in rows} == set(TOL) and 'channels_last' in {r[4] for r in rows}
     built = dispatch.extension() is not None
     for r in rows:
