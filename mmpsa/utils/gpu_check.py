@@ -373,7 +373,8 @@ def kernels_section(plan: Sequence[Tuple[str, Sequence[str]]],
                     except Exception as e:  # noqa: BLE001  (a row of the answer, not a crash)
                         _out(f'- {variant} {mode} {dtype_name} {text}: {error_text(e)}')
                         rc = 1
-        torch.cuda.synchronize()
+        if torch.device(device).type == 'cuda':
+            torch.cuda.synchronize()
     except _Stopped:
         _out('- stopped by the section\'s timeout: the kernels compiled so far')
         rc = 124
