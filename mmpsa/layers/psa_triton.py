@@ -50,12 +50,13 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from .. import compat
-from .precision import acc_dtype, no_autocast
+from .precision import no_autocast
 from .psa_fused import (PARAM_NAMES, PSAParams, channel_map, maps_for_hooks,
                         sequential_spatial_map, spatial_query, spatial_vector)
 
@@ -280,6 +281,13 @@ def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr
 
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+#: The accumulation dtype of an input dtype (``precision.acc_dtype``'s, without a host call).
+_ACC = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64
+}
 
 
 def _launch(kernel, grid):
@@ -335,7 +343,7 @@ class _Launch:
     def __init__(self, x: Tensor) -> None:
         self.b, self.c, h, w = x.shape
         self.n, self.device = h * w, x.device
-        self.acc = acc_dtype(x.dtype)
+        self.acc = _ACC[x.dtype]
         self.block_c = triton.next_power_of_2(self.c)
         self.block_n = max(
             1, min(_MAX_BLOCK_N, MAX_TILE // self.block_c, triton.next_power_of_2(self.n)))
@@ -379,9 +387,7 @@ def _vector_backward(xp: Tensor, g: Tensor, prm: PSAParams, paper: bool, seq: bo
 
     def linear(t, name, bias):  # forward of a 1x1 conv on vectors
         w = mat(getattr(prm, name))
-        out = t @ w.t()
-        b = vec(getattr(prm, bias))
-        return out if b is None else out + b, w
+        return F.linear(t, w, vec(getattr(prm, bias))), w
 
     def linear_back(dy, t, w, name, bias):  # its backward: the input's gradient
         grads[name] = dy.t() @ t
@@ -393,11 +399,11 @@ def _vector_backward(xp: Tensor, g: Tensor, prm: PSAParams, paper: bool, seq: bo
     v, wv = linear(xp, 'ch_wv', 'ch_bv')
     z, wz = linear(v, 'ch_wz', 'ch_bz')
     if prm.ch_ln_w is not None:
-        mu = z.mean(-1, keepdim=True)
-        rstd = torch.rsqrt((z - mu).square().mean(-1, keepdim=True) + prm.ln_eps)
-        zn = (z - mu) * rstd
         ln_w = vec(prm.ch_ln_w)
-        z = zn * ln_w if prm.ch_ln_b is None else zn * ln_w + vec(prm.ch_ln_b)
+        z0 = z
+        z, mu, rstd = torch.native_layer_norm(z0, (z0.shape[1], ), ln_w, vec(prm.ch_ln_b),
+                                              prm.ln_eps)
+        zn = (z0 - mu) * rstd
     zf = z
     if prm.ch_wz2 is not None:
         h = torch.relu(z)
@@ -643,6 +649,7 @@ class _TritonPSA(torch.autograd.Function):
         ctx.save_for_backward(x, *saved, *tensors)
         ctx.flags = (paper, seq, eps)
         ctx.mark_non_differentiable(a_ch4, a_sp4)
+        ctx.set_materialize_grads(False)  # the maps' gradients are not used: no zeros
         return out, a_ch4, a_sp4
 
     @staticmethod
