@@ -87,8 +87,8 @@ def add_safe_globals(items: Iterable[Any]) -> bool:
 # apart from inside: is_compiling() is True for both).
 def is_exporting() -> bool:
     """Whether the code runs under ``torch.export`` tracing (False where torch cannot tell)."""
-    fn: Optional[Callable[[], bool]] = getattr(getattr(torch, 'compiler', None), 'is_exporting',
-                                               None)
+    compiler = getattr(torch, 'compiler', None)
+    fn: Optional[Callable[[], bool]] = getattr(compiler, 'is_exporting', None)
     return bool(fn()) if fn is not None else False
 
 

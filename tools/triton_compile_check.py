@@ -32,10 +32,9 @@ from typing import Dict, Iterator, List, NamedTuple, Tuple
 
 #: ``(B, C, H, W)`` of the GPU check: HRNet-W48 at batch 32 (pose, 256x192 crops), the
 #: segmentation HRNet-W48 at batch 2 (512x1024 crops), C=512 at 128x256, and every width at 12x9.
-SHAPES = ((32, 48, 64, 48), (32, 96, 32, 24), (32, 192, 16, 12), (32, 384, 8, 6),
-          (32, 64, 64, 48), (2, 48, 128, 256), (2, 96, 64, 128), (2, 192, 32, 64),
-          (2, 384, 16, 32), (2, 512, 128, 256), *((2, c, 12, 9) for c in (48, 64, 96, 192, 384,
-                                                                          512)))
+SHAPES = ((32, 48, 64, 48), (32, 96, 32, 24), (32, 192, 16, 12), (32, 384, 8, 6), (32, 64, 64, 48),
+          (2, 48, 128, 256), (2, 96, 64, 128), (2, 192, 32, 64), (2, 384, 16, 32),
+          (2, 512, 128, 256), *((2, c, 12, 9) for c in (48, 64, 96, 192, 384, 512)))
 VARIANTS = (('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
             ('official', 'sequential'))
 #: ``(input needs grad, parameters need grad)``: training; a frozen stage before it; frozen PSA.
@@ -52,8 +51,7 @@ class Launch(NamedTuple):
     num_warps: int
 
     def describe(self) -> str:
-        flags = ' '.join(f'{k}={getattr(v, "name", v)}' for k, v in self.constexprs
-                         if k.isupper())
+        flags = ' '.join(f'{k}={getattr(v, "name", v)}' for k, v in self.constexprs if k.isupper())
         io = next((t for k, t in self.signature if k == 'x_ptr'), '?')
         return f'{self.kernel} x={io.lstrip("*")} {flags} num_warps={self.num_warps}'
 
@@ -146,8 +144,8 @@ def specialise(kernels, name: str, args: tuple, kwargs: dict, backend) -> Launch
 def plan(kernels, shapes, dtypes, variants, backend) -> Dict[Launch, List[str]]:
     """Every distinct launch of the runtime for these cases, with the cases that make it."""
     import torch
-    torch_dtypes = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32,
-                        fp64=torch.float64)
+    torch_dtypes = dict(
+        bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32, fp64=torch.float64)
     launches: Dict[Launch, List[str]] = {}
     for shape, dtype, (variant, mode), needs in itertools.product(shapes, dtypes, variants, NEEDS):
         for name, args, kwargs in runtime_launches(kernels, shape, torch_dtypes[dtype], variant,
@@ -165,8 +163,10 @@ def compile_launch(kernels, launch: Launch, target, backend):
         fn=fn,
         signature=dict(launch.signature),
         constexprs=dict(launch.constexprs),
-        attrs={(i, ): backend.parse_attr(a)
-               for i, a in launch.hints})
+        attrs={
+            (i, ): backend.parse_attr(a)
+            for i, a in launch.hints
+        })
     return triton.compile(src, target=target, options=dict(num_warps=launch.num_warps))
 
 
@@ -220,8 +220,10 @@ def main(argv: List[str] = None) -> int:
     variants = [tuple(v.split('-')) for v in args.variants]
     start = time.perf_counter()
     launches = plan(psa_triton, shapes, args.dtypes, variants, backend)
-    print(f'{len(launches)} distinct launches from {len(shapes)} shapes x {len(args.dtypes)} '
-          f'dtypes x {len(variants)} variants x {len(NEEDS)} gradient needs', flush=True)
+    print(
+        f'{len(launches)} distinct launches from {len(shapes)} shapes x {len(args.dtypes)} '
+        f'dtypes x {len(variants)} variants x {len(NEEDS)} gradient needs',
+        flush=True)
     failed = spilled = 0
     for launch, cases in launches.items():
         try:
@@ -234,11 +236,12 @@ def main(argv: List[str] = None) -> int:
             continue
         spill = report['spill_stores'] + report['spill_loads']
         spilled += spill > 0
-        print(f'{"ok" if not spill else "SPILLS"} sm_{args.arch} {launch.describe()} '
-              f'registers={report["registers"]} spill_stores={report["spill_stores"]} '
-              f'spill_loads={report["spill_loads"]} shared={compiled.metadata.shared} '
-              f'(e.g. {cases[0]})',
-              flush=True)
+        print(
+            f'{"ok" if not spill else "SPILLS"} sm_{args.arch} {launch.describe()} '
+            f'registers={report["registers"]} spill_stores={report["spill_stores"]} '
+            f'spill_loads={report["spill_loads"]} shared={compiled.metadata.shared} '
+            f'(e.g. {cases[0]})',
+            flush=True)
     total = len(launches)
     print(f'{total - failed}/{total} compiled for sm_{args.arch}, {spilled} spilling, in '
           f'{time.perf_counter() - start:.0f} s')

@@ -57,8 +57,8 @@ from triton.runtime.jit import JITFunction
 
 from .. import compat
 from .precision import no_autocast
-from .psa_fused import (PARAM_NAMES, PSAParams, channel_map, maps_for_hooks,
-                        sequential_spatial_map, spatial_query, spatial_vector)
+from .psa_fused import (PARAM_NAMES, PSAParams, channel_map, maps_for_hooks, sequential_spatial_map,
+                        spatial_query, spatial_vector)
 
 Tensor = torch.Tensor
 
@@ -106,8 +106,8 @@ def _program(C, N, run, BLOCK_C: tl.constexpr):
     pixels ``[start, end)`` (programs ``(b, k)``: the ``k``-th run of ``run`` pixels)."""
     k = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
-    return (tl.program_id(0).to(tl.int64), k, offs_c, offs_c < C, k * run,
-            tl.minimum(N, (k + 1) * run))
+    b = tl.program_id(0).to(tl.int64)
+    return b, k, offs_c, offs_c < C, k * run, tl.minimum(N, (k + 1) * run)
 
 
 @triton.jit
@@ -230,8 +230,8 @@ def _grad_pool_kernel(g_ptr, x_ptr, a_ch_ptr, a_sp_ptr, k1_ptr, sm_ptr, dsp_ptr,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, a_ch_ptr, a_sp_ptr, wq_ptr, dxp_ptr, p_ptr, c0_ptr,
-                       dg_ptr, u_ptr, dlg_ptr, e_ptr, dwq_ptr, drs_ptr, B, C, N, run, sgb,
-                       sgc, sgn, sxb, sxc, sxn, sdb, sdc, sdn, seb, sec, sen, SEQ: tl.constexpr,
+                       dg_ptr, u_ptr, dlg_ptr, e_ptr, dwq_ptr, drs_ptr, B, C, N, run, sgb, sgc, sgn,
+                       sxb, sxc, sxn, sdb, sdc, sdn, seb, sec, sen, SEQ: tl.constexpr,
                        WANT_DX: tl.constexpr, WANT_DWQ: tl.constexpr, DENSE: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward's second pass over (dOut ``g``, ``x``) on a run of pixels: ``dr = p (dxp^T
@@ -467,7 +467,8 @@ def _pool(x: Tensor, sx: Tuple[int, int, int], wq: Tensor,
     r = geo.vectors(geo.b, geo.n)
     m, den = geo.vectors(geo.runs, geo.b), geo.vectors(geo.runs, geo.b)
     xe, xs = geo.vectors(geo.runs, geo.b, geo.c), geo.vectors(geo.runs, geo.b, geo.c)
-    _launch(_pool_kernel, geo.grid)(x, wq, r, m, den, xe, xs, geo.b, geo.c, geo.n, geo.run, *sx, **geo.meta)
+    _launch(_pool_kernel, geo.grid)(x, wq, r, m, den, xe, xs, geo.b, geo.c, geo.n, geo.run, *sx,
+                                    **geo.meta)
     scale = torch.exp(m - m.amax(0))  # the runs' online softmaxes merged
     xp = (xe * scale.unsqueeze(-1)).sum(0) / (den * scale).sum(0).unsqueeze(-1)
     return r, xp, xs.sum(0) / geo.n
@@ -530,8 +531,7 @@ def _forward(x: Tensor, paper: bool, seq: bool, eps: float,
             else:  # official PSA_p: sigmoid(softmax over the pixels of the logits)
                 lg, _ = _spatial(xv, sx, geo, _LOGITS, u, None, None, None, seq)
                 sm = torch.softmax(lg, -1)
-                a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm),
-                                     seq)
+                a_sp, out = _spatial(xv, sx, geo, _GIVEN, None, None, a_ch, torch.sigmoid(sm), seq)
     a_ch4 = maps_for_hooks(a_ch.view(b, c, 1, 1), x.dtype)
     a_sp4 = maps_for_hooks(a_sp.view(b, 1, h, w), x.dtype)
     absent = [t if t is not None else x.new_empty(0, dtype=geo.acc) for t in (sm, u)]
@@ -584,12 +584,11 @@ def _backward(dout: Tensor, x: Tensor, saved: List[Tensor], paper: bool, seq: bo
         else:  # a_sp = sigmoid(sm), sm = softmax(lg)
             s = dsp.sum(-1, keepdim=True)
             dlg, du, dbias = dsp - s * sm, p1.sum(0) - s * p2.sum(0), None
-        dxp, dg, dx3, grads = _vector_backward(
-            xp, g, prm, paper, seq, dach.sum(0), du, dbias,
-            (_pixels_view(xv, sx), dsp, needs[0]) if dense else None)
+        x3 = (_pixels_view(xv, sx), dsp, needs[0]) if dense else None
+        dxp, dg, dx3, grads = _vector_backward(xp, g, prm, paper, seq, dach.sum(0), du, dbias, x3)
         dprm = [
-            None if t is None or not need or n not in grads else
-            grads[n].reshape(t.shape).to(t.dtype)
+            None
+            if t is None or not need or n not in grads else grads[n].reshape(t.shape).to(t.dtype)
             for n, t, need in zip(PARAM_NAMES, tensors, needs[1:])
         ]
         # pass 2: w_q's gradient and dX
@@ -704,8 +703,9 @@ def _op_setup_context(ctx, inputs, output) -> None:
     x, paper, seq, eps, params, present = inputs
     ctx.save_for_backward(x, *output[3:], *params)
     ctx.flags, ctx.present = (paper, seq, eps), present
-    ctx.needs = [x.requires_grad, *(p is not None and p.requires_grad
-                                    for p in _expand(params, present))]
+    ctx.needs = [
+        x.requires_grad, *(p is not None and p.requires_grad for p in _expand(params, present))
+    ]
     ctx.mark_non_differentiable(output[1], output[2])
 
 

@@ -140,8 +140,8 @@ def test_forced_paths_that_cannot_run_raise(monkeypatch):
 
 def test_forced_triton_on_cpu_needs_the_interpreter(triton_kernels, monkeypatch):
     monkeypatch.setattr(triton_kernels, 'INTERPRET', False)
-    with backend('triton'), pytest.raises(RuntimeError,
-                                          match='CPU tensors only under TRITON_INTERPRET=1'):
+    with backend('triton'), pytest.raises(
+            RuntimeError, match='CPU tensors only under TRITON_INTERPRET=1'):
         PolarizedSelfAttention(8)(torch.randn(1, 8, 2, 2))
 
 
@@ -270,6 +270,9 @@ def test_no_float_kernel_arguments(variant, mode, triton_path, block_oracle, ran
     block_oracle.fwd_bwd(block, x, torch.randn_like(x))
     assert {name for name, _ in seen} >= {'_pool_kernel', '_grad_input_kernel'}
     assert not [(name, t) for name, types in seen for t in types if t is float]
+
+
+_KERNELS = None  # mmpsa.layers.psa_triton, for the kernel below (set by the test)
 
 
 def test_sample_offsets_are_int64(triton_kernels, device, monkeypatch):

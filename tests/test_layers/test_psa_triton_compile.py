@@ -14,8 +14,8 @@ from mmpsa.layers import dispatch
 SUPPORTED = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
              ('official', 'sequential')]
 
-pytestmark = pytest.mark.skipif(not compat.has_triton_op(),
-                                reason='torch.library.triton_op needs torch >= 2.6')
+pytestmark = pytest.mark.skipif(
+    not compat.has_triton_op(), reason='torch.library.triton_op needs torch >= 2.6')
 
 
 @pytest.mark.parametrize('variant,mode', SUPPORTED)
@@ -52,8 +52,12 @@ def test_the_op_matches_the_function(variant, mode, triton_kernels, block_oracle
     for traceable in (False, True):
         leaf = x.clone().requires_grad_()
         block.zero_grad(set_to_none=True)
-        out = triton_kernels.fused_psa(leaf, variant == 'paper', mode == 'sequential',
-                                       block.fused_params(), traceable=traceable)[0]
+        out = triton_kernels.fused_psa(
+            leaf,
+            variant == 'paper',
+            mode == 'sequential',
+            block.fused_params(),
+            traceable=traceable)[0]
         out.backward(grad)
         got.append([out.detach(), leaf.grad, *(p.grad for p in block.parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*got))

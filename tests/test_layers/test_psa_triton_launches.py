@@ -106,9 +106,11 @@ def test_launches_do_not_grow(variant, mode, shape, count):
     assert sum(n for k, n in got.items() if k.startswith('K:')) <= 5  # the passes over X
 
 
-@pytest.mark.xfail(strict=True, reason='#27 item 1: the per-sample vector maths (online-softmax '
-                   'merge, channel branch, spatial query, their backward, the 1x1 convs\' '
-                   'gradients) still runs as host ops; it moves into kernels next')
+@pytest.mark.xfail(
+    strict=True,
+    reason='#27 item 1: the per-sample vector maths (online-softmax '
+    'merge, channel branch, spatial query, their backward, the 1x1 convs\' '
+    'gradients) still runs as host ops; it moves into kernels next')
 @pytest.mark.parametrize('variant,mode', SUPPORTED)
 def test_launch_budget(variant, mode, count):
     budget = BUDGET.get(f'{variant}-{mode}', BUDGET.get(variant))

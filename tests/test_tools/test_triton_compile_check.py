@@ -36,8 +36,9 @@ def test_runtime_tiles_do_not_spill_on_sm90():
     for dtype in ('fp32', 'bf16'):  # every kernel, with the chooser's tile and warps
         for kernel in ('_pool_kernel', '_spatial_kernel', '_grad_pool_kernel',
                        '_grad_input_kernel'):
-            assert any(f'{kernel} x={dtype} ' in line and 'BLOCK_C=512 BLOCK_N=4 num_warps=8' in
-                       line for line in lines), (kernel, dtype)
+            assert any(
+                f'{kernel} x={dtype} ' in line and 'BLOCK_C=512 BLOCK_N=4 num_warps=8' in line
+                for line in lines), (kernel, dtype)
     spills = [int(v) for line in lines for v in re.findall(r'spill_(?:stores|loads)=(\d+)', line)]
     assert len(spills) == 2 * total and not any(spills)
 
