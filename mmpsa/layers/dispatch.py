@@ -233,7 +233,9 @@ def choose_path(x: Tensor, paper: bool, sequential: bool) -> str:
     if path == 'auto':
         if _use_triton(x, paper, sequential, False):
             return 'triton'
-        path = 'plain' if _EXT is None else 'cpu'
+        if _EXT is None:
+            return 'plain'
+        path = 'cpu' if x.device.type == 'cpu' else 'aten'  # the CPU kernel runs CPU tensors
     elif path == 'triton':
         _use_triton(x, paper, sequential, True)
         return 'triton'
