@@ -1,8 +1,8 @@
 """Put a Polarized Self-Attention into every residual block of a built backbone.
 
 One mechanism for mmseg's and mmpose's ResNet and HRNet (and timm's) alike (it imports
-none of them, nor mmengine): the PSA goes after the first 3x3 conv + norm + ReLU of each residual block,
-i.e. it becomes the input of the block's next conv -- ``conv2`` of a BasicBlock,
+none of them, nor mmengine): the PSA goes after the first 3x3 conv + norm + ReLU of each
+residual block, i.e. it becomes the input of the block's next conv -- ``conv2`` of a BasicBlock,
 ``conv3`` of a Bottleneck (`Polarized Self-Attention <https://arxiv.org/abs/2107.00782>`_).
 
 - The block is a child named ``psa`` of its residual block (``layer1.0.psa.ch_wv.weight``,

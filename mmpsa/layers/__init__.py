@@ -7,4 +7,6 @@ path for the code inside it (:mod:`.dispatch`).
 from .dispatch import BACKENDS, PATHS, backend
 from .psa import PSA_DEFAULTS, PolarizedSelfAttention, check_psa_cfg
 
-__all__ = ['BACKENDS', 'PATHS', 'PSA_DEFAULTS', 'PolarizedSelfAttention', 'backend', 'check_psa_cfg']
+__all__ = [
+    'BACKENDS', 'PATHS', 'PSA_DEFAULTS', 'PolarizedSelfAttention', 'backend', 'check_psa_cfg'
+]

@@ -146,7 +146,7 @@ def spatial_query(g: Tensor, a_ch: Tensor, prm: PSAParams, seq: bool) -> Tensor:
 
 
 def spatial_vector(sq: Tensor, a_ch: Tensor, prm: PSAParams, paper: bool,
-                    seq: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                   seq: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """``(u, b)`` with the spatial logits ``u^T X + b`` (paper variant, official PSA_p).
 
     Paper: ``u = W_sv^T softmax(sq)`` (times ``a_ch`` if sequential), ``b = softmax(sq)^T

@@ -3,7 +3,8 @@ block's evaluation path.
 
 The block tests run on CUDA tensors where a GPU is present (the Triton kernels compiled, no
 interpreter) and on CPU tensors otherwise (the Triton kernels under triton's interpreter):
-``test_psa.pick_device`` decides, and ``test_psa.py`` (the oracle) builds its blocks and inputs there.
+``test_psa.pick_device`` decides, and ``test_psa.py`` (the oracle) builds its blocks and
+inputs there.
 """
 import contextlib
 import importlib.util
@@ -16,7 +17,6 @@ import pytest
 import torch
 
 from mmpsa.layers import backend, dispatch
-
 
 
 def _load_oracle() -> ModuleType:

@@ -34,6 +34,7 @@ def randn(*shape, **kwargs) -> torch.Tensor:
     """``torch.randn`` on :data:`DEVICE` (the CPU-kernel tests use the CPU explicitly)."""
     return torch.randn(*shape, device=DEVICE, **kwargs)
 
+
 VARIANTS = ('paper', 'official')
 MODES = ('parallel', 'sequential')
 ALL = [(v, m) for v in VARIANTS for m in MODES]
@@ -367,7 +368,8 @@ def kernel_taken(x, params, **kw):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        a_ch = dispatch.extension().fused_psa(x, True, False, params.ln_eps, params.tensors, **kw)[1]
+        a_ch = dispatch.extension().fused_psa(x, True, False, params.ln_eps, params.tensors,
+                                              **kw)[1]
     return len(own) <= 2, a_ch
 
 
