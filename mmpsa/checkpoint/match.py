@@ -123,7 +123,9 @@ def key_diff(given: Mapping[str, Any], own: Mapping[str, Any]) -> KeyDiff:
     """Missing, unexpected and reshaped keys of a state_dict ``given`` for a model's ``own``.
 
     ``num_batches_tracked`` buffers missing from ``given`` are not counted (older
-    checkpoints lack them; loading keeps the model's).
+    checkpoints lack them; loading keeps the model's). Keys keep their state_dict order
+    (the model's for missing and reshaped keys, the checkpoint's for unexpected ones), so
+    a message lists a module's weight before its bias, module after module.
 
     Args:
         given: The checkpoint's state_dict (prefixes already stripped).
@@ -136,7 +138,7 @@ def key_diff(given: Mapping[str, Any], own: Mapping[str, Any]) -> KeyDiff:
         shape = getattr(given.get(key), 'shape', None)
         if key in given and shape is not None and tuple(shape) != tuple(own[key].shape):
             reshaped.append((key, tuple(shape), tuple(own[key].shape)))
-    return KeyDiff(sorted(missing), sorted(unexpected), reshaped)
+    return KeyDiff(missing, unexpected, reshaped)
 
 
 def _strip_prefix(state: Dict[str, Any]) -> Dict[str, Any]:

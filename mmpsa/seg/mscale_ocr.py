@@ -205,7 +205,7 @@ class MscaleCascadeEncoderDecoder(CascadeEncoderDecoder):
         mode = test_cfg.get('mode', 'whole')
         if mode not in ('whole', 'slide'):
             raise ValueError(f"{name}: test_cfg.mode must be 'whole' or 'slide', got {mode!r}")
-        self.test_scales = check_scales(test_cfg.get('scales', [1.0]), 'test_cfg.scales')
+        check_scales(test_cfg.get('scales', [1.0]), 'test_cfg.scales')
         train_cfg = {} if train_cfg is None else train_cfg
         unknown = sorted(set(train_cfg) - set(TRAIN_CFG_KEYS))
         if unknown:
@@ -234,6 +234,12 @@ class MscaleCascadeEncoderDecoder(CascadeEncoderDecoder):
         self.strict_load = strict_load
         if strict_load:
             self.register_load_state_dict_pre_hook(self._check_state_dict)
+
+    @property
+    def test_scales(self) -> Tuple[float, ...]:
+        """``test_cfg.scales``, read at each inference as mmseg reads ``test_cfg.mode``: a
+        changed ``model.test_cfg`` (mmseg's apis, a notebook) is what runs."""
+        return check_scales(self.test_cfg.get('scales', [1.0]), 'test_cfg.scales')
 
     def scale_outputs(self,
                       inputs: Tensor,

@@ -345,7 +345,11 @@ def test_psa_p_checkpoint_does_not_resume_as_psa_s(killed, tmp_path, load_tool, 
     if record:
         assert "mode='parallel'" in message and "mode='sequential'" in message
     else:
-        assert 'no PSA record' in message and 'PSA tensors' in message
+        # without the record, the PSA tensors tell: psa_s's conv_up.N are missing, psa_p's
+        # single conv_up is unexpected
+        assert 'by its state_dict keys and shapes (no PSA record)' in message
+        assert 'missing keys: backbone.stage2.0.branches.0.0.psa.conv_up.0.weight' in message
+        assert 'unexpected keys: backbone.stage2.0.branches.0.0.psa.conv_up.weight' in message
 
 
 def test_stock_checkpoint_is_tested_with_a_psa_config_only_on_purpose(killed, tmp_path, load_tool):
