@@ -2,19 +2,32 @@
 # Create or update the project virtualenv with the pinned OpenMMLab stack.
 #
 # Idempotent: a stamp in the venv records a hash of everything that decides the
-# install (requirements/, setup.py, mmpsa/csrc/, this script, tools/build_mmcv.py); when it
-# matches, this returns at once. mmcv's compiled wheel is reused from
-# ${MMPSA_CACHE_DIR:-~/.cache/mmpsa}/wheels (built there once, ~10 min on 2 cores).
+# install (requirements/ with the lock, setup.py, mmpsa/csrc/, this script,
+# tools/build_mmcv.py); when it matches, this returns at once. mmcv's compiled wheel is reused
+# from ${MMPSA_CACHE_DIR:-~/.cache/mmpsa}/wheels (built there once, ~10 min on 2 cores).
+#
+# Every package is installed under the lock (requirements/lock/torch<X.Y>.txt, pip
+# constraints: the same versions on every machine), and the venv is checked against it at the
+# end. LOCK=FILE names another lock; LOCK= (empty) installs unpinned, e.g. to write a new lock
+# with LOCK_WRITE=FILE (mmpsa.utils.lock).
 #
 # Environment: VENV (default .venv), PYTHON (default python3),
-#              TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1").
+#              TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"),
+#              LOCK (default requirements/lock/torch2.14.txt with the default TORCH_SPEC, else
+#              none), LOCK_WRITE (write the installed set as a lock there at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+DEFAULT_TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH_SPEC}
+if [ -z "${LOCK+set}" ] && [ "$TORCH_SPEC" = "$DEFAULT_TORCH_SPEC" ]; then
+  LOCK=requirements/lock/torch2.14.txt
+fi
+LOCK=${LOCK:-}
+LOCK_WRITE=${LOCK_WRITE:-}
 stamp="$VENV/.mmpsa-setup"
-want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/setup_env.sh tools/build_mmcv.py; echo "$TORCH_SPEC") | sha256sum | cut -c1-16)
+want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/setup_env.sh tools/build_mmcv.py; echo "$TORCH_SPEC"; [ -z "$LOCK" ] || grep -v '^#' "$LOCK") | sha256sum | cut -c1-16)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -27,6 +40,13 @@ pip_q() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | grep -v -E '^WARNING:
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
+fi
+if [ -n "$LOCK" ]; then
+  # the lock as pip constraints for every install below (mmcv, a local wheel, is only checked)
+  grep -v -E '^(mmcv==|#)' "$LOCK" > "$VENV/.mmpsa-constraints.txt"
+  export PIP_CONSTRAINT="$PWD/$VENV/.mmpsa-constraints.txt"
+  case "$VENV" in /*) export PIP_CONSTRAINT="$VENV/.mmpsa-constraints.txt" ;; esac
+  step "installing under $LOCK"
 fi
 step "torch + build tools ($TORCH_SPEC)"
 # pip >= 24.1: older pips install -e through `setup.py develop`, which (setuptools >= 80)
@@ -52,5 +72,12 @@ print(f'torch {torch.__version__}, numpy {numpy.__version__}, mmengine {mmengine
       f'mmcv {mmcv.__version__} (ops), mmseg {mmseg.__version__}, mmpose {mmpose.__version__}, '
       f'mmdet {mmdet.__version__}, mmpsa {mmpsa.__version__}')
 PY
+if [ -n "$LOCK" ]; then
+  step "checking the venv against $LOCK"
+  "$VENV/bin/python" -W ignore -m mmpsa.utils.lock check "$LOCK"
+fi
+if [ -n "$LOCK_WRITE" ]; then
+  "$VENV/bin/python" -W ignore -m mmpsa.utils.lock write "$LOCK_WRITE" --for "TORCH_SPEC=\"$TORCH_SPEC\""
+fi
 echo "$want" > "$stamp"
 step "done"

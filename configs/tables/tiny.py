@@ -7,6 +7,15 @@ task = 'Demo'
 dataset = 'tiny synthetic data'
 data = 'tiny'  # generate the tiny sets and point every config at them
 attention = True  # attention pictures of every trained PSA model
+# The same CPU numerics on every x86 machine: a fixed thread count (reductions split the same
+# way) and the AVX2 code paths of torch's kernels, oneDNN and MKL, also on AVX-512 machines
+# (with the package versions of the lock, requirements/lock/, the numbers then repeat exactly).
+env = dict(
+    OMP_NUM_THREADS=2,
+    MKL_NUM_THREADS=2,
+    ATEN_CPU_CAPABILITY='avx2',
+    ONEDNN_MAX_CPU_ISA='AVX2',
+    MKL_CBWR='AVX2')
 note = ('Synthetic tiny data, fixed seed, each model trained and tested through the real '
         'mmseg / mmpose runners; the stock twins are the stock tiny configs.')
 

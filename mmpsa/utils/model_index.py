@@ -6,7 +6,9 @@ Each metafile has a ``Collections`` entry per family (``Paper``, ``Code``: where
 input, training data). ``Results``, ``Weights``, ``Training log`` and the measured ``Metadata``
 (``Training Resources``, ``Memory (MB)``) are written only by ``tools/reproduce.py TABLE
 publish`` (:func:`update_models`) from finished runs, and kept when the metafiles are rebuilt;
-the paper's numbers are kept apart, as ``Paper Results`` (from ``configs/tables/``). The
+the paper's numbers are kept apart, from ``configs/tables/`` only: ``Paper Results`` on the
+config of the network that made the number (with its split and source), ``Paper Reference``
+(labelled, e.g. ``released recipe``) on a config that trains that network another way. The
 configs of the released PSA Cityscapes weights carry ``Converted From`` (the released download
 page, and what mmpsa verified). The config folders are found by
 :func:`~mmpsa.utils.paths.configs_root`; ``model-index.yml`` goes beside that folder, its
@@ -16,7 +18,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import yaml
 
@@ -26,22 +28,17 @@ PAPER = dict(
     URL='https://arxiv.org/abs/2107.00782',
     Title='Polarized Self-Attention: Towards High-quality Pixel-wise Regression')
 
-# Paper results of the released weights' configs (the trainable configs' paper values are in
-# the reproduction tables, configs/tables/*.py), keyed by our config stem.
-RELEASED_PAPER_RESULTS = {
-    'psa-p_mscale-ocrnet_hr48_official_cityscapes-1024x2048': ('mIoU', 86.95),
-    'psa-s_mscale-ocrnet_hr48_official_cityscapes-1024x2048': ('mIoU', 86.72),
-}
 # The configs of the released weights (mmpsa.seg.released converts them) say what was checked.
 RELEASED_CODE = 'https://github.com/DeLightCMU/PSA'
-RELEASED_SOURCE = ('paper: the released weights, evaluated by the released code; mmpsa verified '
-                   'that the converted weights give the released outputs, not this mIoU')
 RELEASED_VERIFIED = ("outputs equal the released network's (per scale and joined, 1e-4 relative; "
                      'tests/test_seg/test_released_weights.py); mIoU not measured (no Cityscapes)')
 
 #: Metadata keys that only publish writes (measured), kept when the metafiles are rebuilt.
 PUBLISHED = ('Results', 'Weights', 'Training log')
-PUBLISHED_METADATA = ('Training Resources', 'Memory (MB)')
+PUBLISHED_METADATA = ('Training Resources', 'Training Software', 'Test Resources', 'Test Software',
+                      'Memory (MB)')
+#: The keys of the paper's numbers (from the reproduction tables).
+PAPER_KEYS = ('Paper Results', 'Paper Reference')
 # The collection's architecture, per family folder.
 ARCHITECTURES = {
     'mmseg/psa_deeplabv3plus': ['ResNet', 'PSA', 'DeepLabV3+'],
@@ -73,19 +70,70 @@ def _records(json_files: Iterable[str]) -> Dict[str, Dict[str, dict]]:
     return out
 
 
-def paper_results() -> Dict[str, Tuple[str, float, str]]:
-    """Config stem -> ``(metric, value, source)``: the reproduction tables' paper values and
-    those of the released weights' configs."""
+def paper_results() -> Dict[str, Dict[str, List[dict]]]:
+    """Config stem -> ``{'Paper Results': [...]}`` or ``{'Paper Reference': [...]}``: the
+    reproduction tables' paper values on the rows that carry them.
+
+    An entry has ``Task``, ``Dataset``, ``Split`` (``val``, or ``split not stated by the
+    source``), ``Metrics`` and ``Source``; a reference also ``Label`` (the table's, e.g.
+    ``released recipe``) and ``Of``: the config of the table whose own result it is.
+    """
     from .reproduce import config_name, load_table, tables_root
-    out = {
-        stem: (metric, value, RELEASED_SOURCE)
-        for stem, (metric, value) in RELEASED_PAPER_RESULTS.items()
-    }
+    out: Dict[str, Dict[str, List[dict]]] = {}
     for path in sorted(tables_root().glob('*.py')):
-        for row in load_table(str(path)).rows:
-            if row.paper:
-                out[config_name(row.psa)] = (row.label, row.paper['value'], row.paper['source'])
+        table = load_table(str(path))
+        own = {
+            (row.paper['value'], row.paper['source']): config_name(row.psa)
+            for row in table.rows if row.paper and not row.paper.get('reference')
+        }
+        for row in table.rows:
+            if not row.paper:
+                continue
+            entry = {
+                'Task': table.task,
+                'Dataset': table.dataset,
+                'Split': row.paper['split'],
+                'Metrics': {
+                    row.label: row.paper['value']
+                },
+                'Source': row.paper['source'],
+            }
+            key = 'Paper Results'
+            if row.paper.get('reference'):
+                key = 'Paper Reference'
+                entry['Label'] = row.paper['reference']
+                entry['Of'] = own.get((row.paper['value'], row.paper['source']))
+            out.setdefault(config_name(row.psa), {}).setdefault(key, []).append(entry)
     return out
+
+
+def _with_papers(model: dict, papers: Dict[str, List[dict]]) -> dict:
+    """A metafile model entry with its paper keys replaced (before ``Converted From``)."""
+    model = {k: v for k, v in model.items() if k not in PAPER_KEYS}
+    converted = model.pop('Converted From', None)
+    model.update(papers)
+    if converted is not None:
+        model['Converted From'] = converted
+    return model
+
+
+def refresh_paper_results(root: Optional[Path] = None) -> List[Path]:
+    """Rewrite the paper keys of every existing metafile from the tables (nothing else
+    changes; no complexity records needed). Returns the metafiles written."""
+    root = root or configs_root()
+    papers = paper_results()
+    written = []
+    for key in COLLECTIONS:
+        path = root / key / 'metafile.yml'
+        if not path.is_file():
+            continue
+        content = yaml.safe_load(path.read_text())
+        models = [_with_papers(m, papers.get(m['Name'], {})) for m in content.get('Models', [])]
+        if models != content.get('Models', []):
+            content['Models'] = models
+            path.write_text(yaml.safe_dump(content, sort_keys=False, width=100))
+            written.append(path)
+    return written
 
 
 def _published(path: Path) -> Dict[str, dict]:
@@ -171,16 +219,7 @@ def build_metafiles(json_files: Iterable[str],
                 'Metadata': meta
             }
             model.update(kept)  # Results, Weights, Training log: only from publish
-            if stem in papers:
-                metric, value, source = papers[stem]
-                model['Paper Results'] = [{
-                    'Task': task,
-                    'Dataset': dataset,
-                    'Metrics': {
-                        metric: value
-                    },
-                    'Source': source
-                }]
+            model.update(papers.get(stem, {}))
             if stem in released:
                 model['Converted From'] = released[stem]
             models.append(model)
@@ -214,19 +253,20 @@ def metafile_metadata(name: str) -> Optional[dict]:
     return None
 
 
-def update_models(updates: Dict[str, dict]) -> List[str]:
+def update_models(updates: Dict[str, dict], root: Optional[Path] = None) -> List[str]:
     """Write published entries into the metafiles (``tools/reproduce.py TABLE publish``).
 
     Args:
         updates: Model name -> ``{'Results': ..., 'Weights': ..., 'Training log': ...,
             'Metadata': {...}}``; ``Metadata`` keys are merged, the others replaced.
+        root: The configs folder holding the metafiles (default: mmpsa's).
 
     Returns:
         The names of the models written (names without a metafile entry are skipped).
     """
     written = []
     for key in COLLECTIONS:
-        path = configs_root() / key / 'metafile.yml'
+        path = (root or configs_root()) / key / 'metafile.yml'
         if not path.is_file():
             continue
         content = yaml.safe_load(path.read_text())

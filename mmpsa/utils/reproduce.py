@@ -9,12 +9,19 @@ dataset, ``defaults`` for the rows, and ``rows``, each a dict with
 - ``metric`` (the key in the test results, e.g. ``'mIoU'``, ``'coco/AP'``), ``label`` (the
   column name), ``scale`` (factor to percent), ``checkpoint`` (``'last'`` or ``'best'``: which
   checkpoint is tested), ``cfg_options`` (applied to both runs);
-- ``paper``: ``dict(value=..., source=...)``, the paper's number, or None.
+- ``paper``: the paper's number, or None: ``dict(value=..., split=..., source=...)``, the
+  split it was measured on (``'val'``, or ``'split not stated by the source'``) and where it
+  is given; with ``reference='released recipe'`` (a label) the value is not this config's
+  result but that of another network or recipe, shown as a labelled reference only;
+- ``released``: ``'psa_p'`` or ``'psa_s'`` for a row of the released weights: nothing is
+  trained, the converter turns the released checkpoint the user gives
+  (``--released psa_p=FILE``) into an mmseg checkpoint, which is tested (no stock twin).
 
 Every run goes into ``WORK_DIR/<table>/<config name>/`` (training) and its ``test/`` folder
 (testing of the chosen checkpoint). The state of a run is read from those folders only, so a
 second launch skips finished runs and resumes interrupted ones, and gather needs nothing else:
-it reads mmengine's logs and result JSONs (no re-evaluation).
+it reads mmengine's logs and result JSONs (no re-evaluation), and the record each job writes
+of what ran (:mod:`mmpsa.utils.run_record`: launcher, world size, GPUs, versions, commit).
 """
 import contextlib
 import glob
@@ -42,7 +49,11 @@ LAUNCHERS = ('local', 'pytorch', 'slurm', 'mim')
 #: Run states, as gather reports them.
 FINISHED, TRAINED, UNFINISHED, FAILED, NOT_STARTED = ('finished', 'trained, not tested',
                                                       'unfinished', 'failed', 'not started')
-_ROW_KEYS = ('psa', 'stock', 'metric', 'label', 'scale', 'checkpoint', 'cfg_options', 'paper')
+_ROW_KEYS = ('psa', 'stock', 'metric', 'label', 'scale', 'checkpoint', 'cfg_options', 'paper',
+             'released')
+_PAPER_KEYS = ('value', 'split', 'source', 'reference')
+#: Row kinds, as gather and the table name them.
+TRAINED, RELEASED = 'trained here', 'released weights'
 _LOG_TIME = re.compile(r'^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) - mmengine - ')
 
 
@@ -68,6 +79,35 @@ class Row:
     checkpoint: str = 'last'
     cfg_options: Dict[str, Any] = field(default_factory=dict)
     paper: Optional[Dict[str, Any]] = None
+    released: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        """:data:`RELEASED` (converted, tested) or :data:`TRAINED`."""
+        return RELEASED if self.released else TRAINED
+
+
+def _check_row(row: Dict[str, Any], where: str) -> None:
+    """Raise ValueError for a row a table must not have."""
+    unknown = set(row) - set(_ROW_KEYS)
+    if unknown:
+        raise ValueError(f'{where} has unknown keys {sorted(unknown)}')
+    if row.get('checkpoint', 'last') not in ('last', 'best'):
+        raise ValueError(f"{where}.checkpoint must be 'last' or 'best', got {row['checkpoint']!r}")
+    paper = row.get('paper')
+    if paper is not None:
+        unknown = set(paper) - set(_PAPER_KEYS)
+        missing = {'value', 'split', 'source'} - set(paper)
+        if unknown or missing:
+            raise ValueError(f'{where}.paper needs value, split, source (and may have '
+                             f'reference), got {sorted(paper)}')
+    released = row.get('released')
+    if released is not None:
+        if released not in ('psa_p', 'psa_s'):
+            raise ValueError(f"{where}.released must be 'psa_p' or 'psa_s', got {released!r}")
+        if row.get('stock') is not None:
+            raise ValueError(f'{where}: a released-weights row has no stock twin, got '
+                             f'{row["stock"]!r}')
 
 
 @dataclass
@@ -80,6 +120,8 @@ class Table:
     dataset: str
     rows: List[Row]
     data: Optional[str] = None
+    #: Environment variables of every job (the tiny table fixes the CPU threads and ISA).
+    env: Dict[str, str] = field(default_factory=dict)
     attention: bool = False
     note: str = ''
 
@@ -102,12 +144,7 @@ def load_table(name: str) -> Table:
     rows = []
     for i, raw in enumerate(spec['rows']):
         row = {**defaults, **raw}
-        unknown = set(row) - set(_ROW_KEYS)
-        if unknown:
-            raise ValueError(f'{path}: rows[{i}] has unknown keys {sorted(unknown)}')
-        if row.get('checkpoint', 'last') not in ('last', 'best'):
-            raise ValueError(f"{path}: rows[{i}].checkpoint must be 'last' or 'best', "
-                             f"got {row['checkpoint']!r}")
+        _check_row(row, f'{path}: rows[{i}]')
         rows.append(Row(**row))
     return Table(
         name=path.stem,
@@ -116,6 +153,10 @@ def load_table(name: str) -> Table:
         dataset=spec['dataset'],
         rows=rows,
         data=spec.get('data'),
+        env={
+            k: str(v)
+            for k, v in spec.get('env', {}).items()
+        },
         attention=spec.get('attention', False),
         note=spec.get('note', ''))
 
@@ -151,6 +192,8 @@ class LaunchOptions:
     partition: Optional[str] = None
     gpus_per_node: Optional[int] = None
     data_root: Optional[str] = None
+    #: The released checkpoints the user gives, by variant (``{'psa_p': 'FILE'}``).
+    released: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -159,6 +202,10 @@ class LaunchOptions:
             raise ValueError('launcher slurm needs a partition, got None')
         if self.gpus < 1 or self.nnodes < 1:
             raise ValueError(f'gpus and nnodes must be >= 1, got {self.gpus}, {self.nnodes}')
+        unknown = set(self.released) - {'psa_p', 'psa_s'}
+        if unknown:
+            raise ValueError(
+                f'released weights are psa_p=FILE or psa_s=FILE, got {sorted(unknown)}')
 
 
 @dataclass
@@ -170,6 +217,8 @@ class Run:
     work_dir: Path
     cfg_options: Dict[str, Any]
     checkpoint: str
+    released: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -228,7 +277,9 @@ def runs_of(table: Table, work_root: str, data_roots: Optional[Dict[str, str]] =
                 options.update(data_root_options(config, data_roots[scope], row.cfg_options))
             runs[config_name(config)] = Run(config, scope,
                                             Path(work_root) / table.name / config_name(config),
-                                            options, row.checkpoint)
+                                            options, row.checkpoint,
+                                            row.released if config == row.psa else None,
+                                            dict(table.env))
     return list(runs.values())
 
 
@@ -253,6 +304,13 @@ def _exact_resume_options() -> Dict[str, Any]:
     return Config.fromfile(str(configs_root() / '_base_' / 'psa_runtime.py')).to_dict()
 
 
+def _record_options() -> Dict[str, Any]:
+    """The run record hook (:mod:`mmpsa.utils.run_record`), as ``--cfg-options``: a new key of
+    ``default_hooks``, which mmengine merges into its defaults (no ``custom_hooks`` replaced)."""
+    from .run_record import HOOK_TYPE
+    return {'default_hooks.run_record.type': HOOK_TYPE}
+
+
 def _cfg_options(options: Dict[str, Any]) -> List[str]:
     if not options:
         return []
@@ -275,9 +333,12 @@ def train_command(run: Run, opts: LaunchOptions, resume: bool = False) -> Comman
         opts: The launcher and its settings.
         resume: Resume from the latest checkpoint of the work dir.
     """
+    if run.released:
+        return convert_command(run, opts)
     options = dict(run.cfg_options)
     if run.exact_resume(opts.launcher):
         options.update(_exact_resume_options())
+    options.update(_record_options())
     args = ['--work-dir', str(run.work_dir)]
     if resume:  # mmseg's tool: a flag; ours and mmpose's: no value = the latest checkpoint
         args.append('--resume')
@@ -287,11 +348,32 @@ def train_command(run: Run, opts: LaunchOptions, resume: bool = False) -> Comman
 
 def test_command(run: Run, opts: LaunchOptions, checkpoint: str) -> Command:
     """The command that tests a run's checkpoint with the chosen launcher."""
-    args = ['--work-dir', str(run.test_dir)] + _cfg_options(run.cfg_options)
+    args = ['--work-dir', str(run.test_dir)] + _cfg_options({
+        **run.cfg_options,
+        **_record_options()
+    })
     if opts.launcher == 'mim':
         return _launch('test', run, opts, [config_file_for(run, opts), '--checkpoint', checkpoint],
                        args)
     return _launch('test', run, opts, [config_file_for(run, opts), checkpoint], args)
+
+
+def released_source(run: Run, opts: LaunchOptions) -> Optional[str]:
+    """The released checkpoint the user gave for a released-weights run, or None."""
+    return opts.released.get(run.released) if run.released else None
+
+
+def convert_command(run: Run, opts: LaunchOptions) -> Command:
+    """The converter on the released checkpoint of a released-weights run (one process, on
+    the machine that launches: it only maps keys), written as ``<run>/converted.pth``."""
+    tools = Path(_shown(tools_root()))
+    src = released_source(run, opts) or f'RELEASED_{run.released.upper()}.pth'
+    return Command([
+        sys.executable,
+        str(tools / 'model_converters' / 'psa_official_to_mmseg.py'), src,
+        str(run.work_dir / 'converted.pth'), '--config',
+        config_file(run.config)
+    ])
 
 
 def config_file_for(run: Run, opts: LaunchOptions) -> str:
@@ -305,15 +387,22 @@ def _launch(step: str, run: Run, opts: LaunchOptions, positional: List[str],
             args: List[str]) -> Command:
     tools = Path(_shown(tools_root()))
     if opts.launcher == 'local':
-        return Command([sys.executable, str(tools / f'{step}.py')] + positional + args)
+        return Command([sys.executable, str(tools / f'{step}.py')] + positional + args,
+                       dict(run.env))
     if opts.launcher == 'pytorch':
         env = {'NNODES': str(opts.nnodes)} if opts.nnodes > 1 else {}
         return Command(['bash', str(tools / f'dist_{step}.sh')] + positional + [str(opts.gpus)] +
-                       args, env)
+                       args, {
+                           **run.env,
+                           **env
+                       })
     if opts.launcher == 'slurm':
         env = {'GPUS': str(opts.gpus), 'GPUS_PER_NODE': str(opts.gpus_per_node or opts.gpus)}
         return Command(['bash', str(tools / f'slurm_{step}.sh'), opts.partition, run.name] +
-                       positional + args, env)
+                       positional + args, {
+                           **run.env,
+                           **env
+                       })
     # mim: the codebase's own tools/train.py / test.py
     launcher = 'pytorch' if opts.gpus > 1 else 'none'
     mim = ['mim', step, run.scope] + positional + ['--gpus', str(opts.gpus)]
@@ -323,7 +412,7 @@ def _launch(step: str, run: Run, opts: LaunchOptions, positional: List[str],
             mim += ['--gpus-per-node', str(opts.gpus_per_node)]
     else:
         mim += ['--launcher', launcher]
-    return Command(mim + args)
+    return Command(mim + args, dict(run.env))
 
 
 def _latest(pattern: str) -> Optional[str]:
@@ -338,6 +427,9 @@ def checkpoint_of(run: Run, expected: bool = False) -> Optional[str]:
         run: The run.
         expected: Before training, return the name it will have (for ``--dry-run``).
     """
+    if run.released:
+        done = (run.work_dir / 'train.done').is_file()
+        return str(run.work_dir / 'converted.pth') if done or expected else None
     if run.checkpoint == 'best':
         best = _latest(str(run.work_dir / 'best_*.pth'))
         return best or (str(run.work_dir / 'best_*.pth') if expected else None)
@@ -355,7 +447,8 @@ def checkpoint_of(run: Run, expected: bool = False) -> Optional[str]:
 
 def test_results(run: Run) -> Optional[Dict[str, Any]]:
     """The metrics mmengine wrote for the run's latest test (``test/<time>/<time>.json``)."""
-    path = _latest(str(run.test_dir / '*' / '*.json'))
+    found = sorted(p for p in run.test_dir.glob('*/*.json') if p.stem == p.parent.name)
+    path = found[-1] if found else None
     return json.loads(Path(path).read_text()) if path else None
 
 
@@ -416,13 +509,21 @@ def launch(table: Table,
             echo(f'{head}: finished before, skipped')
             out.append((run, now))
             continue
-        if not run.exact_resume(opts.launcher):
+        if run.released and not released_source(run, opts):
+            from mmpsa.seg.released import RELEASED_WEIGHTS
+            echo(f'{head}: released weights not given: download them from '
+                 f'{RELEASED_WEIGHTS[run.released]} and add --released {run.released}=FILE')
+            if not dry_run:
+                out.append((run, now))
+                continue
+        elif not run.released and not run.exact_resume(opts.launcher):
             echo(f'{head}: note: mim train {run.scope} ignores runner_type, so a resume there '
                  'is mmengine\'s ordinary one (no RNG states)')
         if dry_run:
             resume = now == UNFINISHED
             if not (run.work_dir / 'train.done').is_file():
-                echo(f'{head}: train: {train_command(run, opts, resume)}')
+                step = 'convert' if run.released else 'train'
+                echo(f'{head}: {step}: {train_command(run, opts, resume)}')
             echo(f'{head}: test: {test_command(run, opts, checkpoint_of(run, expected=True))}')
             out.append((run, now))
             continue
@@ -435,17 +536,19 @@ def _train_and_test(run: Run, opts: LaunchOptions, head: str, echo: Callable[[st
     for marker in ('train.failed', 'test.failed'):
         (run.work_dir / marker).unlink(missing_ok=True)
     if not (run.work_dir / 'train.done').is_file():  # else only the test is left (or failed)
-        resume = (run.work_dir / 'last_checkpoint').is_file()
+        resume = not run.released and (run.work_dir / 'last_checkpoint').is_file()
         start = time.perf_counter()
-        rc = _execute(train_command(run, opts, resume), run.work_dir / 'train.log.txt')
+        log = run.work_dir / ('convert.log.txt' if run.released else 'train.log.txt')
+        rc = _execute(train_command(run, opts, resume), log)
         took = time.perf_counter() - start
+        step = 'converting the released weights' if run.released else 'training'
         if rc != 0:
             (run.work_dir / 'train.failed').write_text(f'exit status {rc}\n')
-            echo(f'{head}: training FAILED (exit status {rc}; see '
-                 f'{run.work_dir / "train.log.txt"})')
+            echo(f'{head}: {step} FAILED (exit status {rc}; see {log})')
             return FAILED
         (run.work_dir / 'train.done').write_text(f'{took:.1f} s\n')
-        echo(f'{head}: {"resumed and " if resume else ""}trained in {took:.0f} s')
+        done = 'converted' if run.released else 'resumed and trained' if resume else 'trained'
+        echo(f'{head}: {done} in {took:.0f} s')
     checkpoint = checkpoint_of(run)
     rc = _execute(test_command(run, opts, str(checkpoint)), run.work_dir / 'test.log.txt')
     results = test_results(run)
@@ -578,6 +681,26 @@ def _metric(run: Optional[Run], row: Row) -> Tuple[str, Optional[float]]:
     return FINISHED, _scaled(float(results[row.metric]), row.scale)
 
 
+def run_records(run: Optional[Run]) -> Dict[str, List[Dict[str, Any]]]:
+    """The records the jobs of a run wrote (:mod:`mmpsa.utils.run_record`): ``'train'`` (one
+    per training session, oldest first) and ``'test'`` (one per test)."""
+    from .run_record import read_records
+    if run is None:
+        return {'train': [], 'test': []}
+    return {
+        'train': read_records(run.work_dir),
+        'test': read_records(run.test_dir),
+    }
+
+
+def _ran_on(records: Dict[str, List[Dict[str, Any]]]) -> Optional[str]:
+    """What the training sessions (or, for released weights, the last test) ran on."""
+    from .run_record import resources
+    sessions = records['train'] or records['test'][-1:]
+    found = list(dict.fromkeys(resources(r) for r in sessions))
+    return ' + '.join(found) if found else None
+
+
 def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
     """Read the finished runs of a table into one record per row (no re-evaluation).
 
@@ -586,9 +709,11 @@ def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
         work_root: ``WORK_DIR`` of the launch.
 
     Returns:
-        The rows: config, params/FLOPs, PSA and stock metrics measured here (None where the
-        run did not finish; ``psa_state``/``stock_state`` say why), Δ, the stock metafile's and
-        the paper's values, train time, peak memory, log and checkpoint paths.
+        The rows: config, kind (trained here / released weights), params/FLOPs, PSA and stock
+        metrics measured here (None where the run did not finish; ``psa_state``/``stock_state``
+        say why), Δ, the stock metafile's and the paper's values (with split, source and a
+        reference label), train time, peak memory, what it ran on and the run records of the
+        PSA config's jobs, log and checkpoint paths.
     """
     runs = {r.name: r for r in runs_of(table, work_root)}
     records = []
@@ -599,11 +724,15 @@ def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
         stock_state, stock_value = _metric(stock, row)
         cost = complexity_of(psa, stock)
         logs = _train_logs(psa)
+        paper = row.paper or {}
+        recorded = run_records(psa)
         records.append({
             'config':
             psa.name,
             'stock_config':
             stock.name if stock else None,
+            'kind':
+            row.kind,
             'metric':
             row.label,
             'params':
@@ -627,12 +756,22 @@ def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
                    stock_value, 2) if psa_value is not None and stock_value is not None else None),
             'stock_metafile':
             _scaled(stock_metafile_value(row.stock, row.metric), row.scale),
-            'paper': (row.paper or {}).get('value'),
-            'paper_source': (row.paper or {}).get('source'),
+            'paper':
+            paper.get('value'),
+            'paper_split':
+            paper.get('split'),
+            'paper_reference':
+            paper.get('reference'),
+            'paper_source':
+            paper.get('source'),
             'train_s':
             train_seconds(psa),
             'memory_mb':
             peak_memory_mb(psa),
+            'ran_on':
+            _ran_on(recorded),
+            'records':
+            recorded,
             'log':
             str(logs[-1]) if logs else None,
             'checkpoint':
@@ -641,47 +780,91 @@ def gather(table: Table, work_root: str) -> List[Dict[str, Any]]:
     return records
 
 
+def environment(table: Table, work_root: str) -> Dict[str, Any]:
+    """What every job of a table's runs recorded, merged: each field with its one value, or
+    the list of distinct values where the jobs differ (None: no job recorded it)."""
+    fields: Dict[str, list] = {}
+    for run in runs_of(table, work_root):
+        recorded = run_records(run)
+        for record in recorded['train'] + recorded['test']:
+            for key in ('versions', 'mmpsa_commit', 'packages_hash', 'machine', 'launcher'):
+                value = record.get(key)
+                if value not in fields.setdefault(key, []):
+                    fields[key].append(value)
+            shown = _ran_on({'train': [record], 'test': []})
+            if shown not in fields.setdefault('ran_on', []):
+                fields['ran_on'].append(shown)
+    return {k: (v[0] if len(v) == 1 else v) for k, v in fields.items()}
+
+
 def _cell(value: Any, state_: str = FINISHED, fmt: str = '{}') -> str:
     if value is None:
         return state_ if state_ != FINISHED else 'n/a'
     return fmt.format(value)
 
 
-def format_table(table: Table, records: List[Dict[str, Any]], base: Optional[Path] = None) -> str:
-    """The gathered table in Markdown (links relative to ``base``)."""
+def paper_cell(record: Dict[str, Any]) -> str:
+    """The paper column: ``86.95 (val)``; a reference: ``ref. 86.95 (val; released recipe)``;
+    ``78.9 (split not stated by the source)``; ``n/a``."""
+    if record.get('paper') is None:
+        return 'n/a'
+    split = record.get('paper_split') or 'split not stated'
+    if record.get('paper_reference'):
+        return f'ref. {record["paper"]} ({split}; {record["paper_reference"]})'
+    return f'{record["paper"]} ({split})'
+
+
+def format_table(table: Table,
+                 records: List[Dict[str, Any]],
+                 base: Optional[Path] = None,
+                 links: bool = True) -> str:
+    """The gathered table in Markdown.
+
+    Args:
+        table: The table.
+        records: :func:`gather`'s rows (or those of a results JSON).
+        base: Folder the log and checkpoint links are relative to.
+        links: With the column of log and checkpoint links (the README's tables have none:
+            the files are on the machine that ran).
+    """
 
     def link(path: Optional[str], text: str) -> str:
         if path is None:
             return ''
         return f'[{text}]({osp.relpath(path, base) if base else path})'
 
-    lines = [
-        '| config | input | params (M) PSA / stock | GFLOPs | metric | stock (here) '
-        '| PSA (here) | Δ | stock (metafile) | paper | train time | peak memory | files |',
-        '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|',
-    ]
+    head = ('| config | input | params (M) PSA / stock | GFLOPs | metric | stock (here) '
+            '| PSA (here) | Δ | stock (metafile) | paper | train time | peak memory | ran on |')
+    rule = '|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|'
+    lines = [head + (' files |' if links else ''), rule + ('---|' if links else '')]
     for r in records:
         digits = '{:.2f}' if r['params'] >= 1e7 else '{:.3f}'  # the metafiles' precision
         stock_params = _cell(r['stock_params'] and r['stock_params'] / 1e6, 'n/a', digits)
-        lines.append(' | '.join([
-            f'| {r["config"]}', 'x'.join(map(
-                str, r['input'])), f'{digits.format(r["params"] / 1e6)} / {stock_params}',
-            f'{r["flops"] / 1e9:.4g}', r['metric'],
+        name = r['config'] + (' (released weights)' if r.get('kind') == RELEASED else '')
+        cells = [
+            f'| {name}', 'x'.join(map(str, r['input'])),
+            f'{digits.format(r["params"] / 1e6)} / {stock_params}', f'{r["flops"] / 1e9:.4g}',
+            r['metric'],
             _cell(r['stock'], r['stock_state'], '{:.2f}'),
             _cell(r['psa'], r['psa_state'], '{:.2f}'),
             _cell(r['delta'], 'n/a', '{:+.2f}'),
             _cell(r['stock_metafile'], 'n/a'),
-            _cell(r['paper'], 'n/a'),
+            paper_cell(r),
             _cell(r['train_s'], 'n/a', '{:.0f} s'),
-            _cell(r['memory_mb'], 'n/a', '{:.0f} MB'), ' '.join(
+            _cell(r['memory_mb'], 'n/a', '{:.0f} MB'),
+            _cell(r.get('ran_on'), 'n/a')
+        ]
+        if links:
+            cells.append(' '.join(
                 filter(None, [link(r['log'], 'log'),
-                              link(r['checkpoint'], 'checkpoint')]))
-        ]) + ' |')
+                              link(r['checkpoint'], 'checkpoint')])))
+        lines.append(' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
 def write_results(table: Table, work_root: str, records: List[Dict[str, Any]]) -> Tuple[Path, Path]:
-    """Write ``WORK_DIR/<table>/results.md`` and ``results.json``."""
+    """Write ``WORK_DIR/<table>/results.md`` and ``results.json`` (the rows, and what the jobs
+    recorded of the machine, versions, commit and installed package set)."""
     folder = Path(work_root) / table.name
     folder.mkdir(parents=True, exist_ok=True)
     md = folder / 'results.md'
@@ -689,32 +872,225 @@ def write_results(table: Table, work_root: str, records: List[Dict[str, Any]]) -
                   (f'\n{table.note}\n' if table.note else ''))
     js = folder / 'results.json'
     js.write_text(
-        json.dumps({
-            'table': table.name,
-            'title': table.title,
-            'rows': records
-        }, indent=2))
+        json.dumps(
+            {
+                'table': table.name,
+                'title': table.title,
+                'environment': environment(table, work_root),
+                'rows': records
+            },
+            indent=2) + '\n')
     return md, js
 
 
+# ------------------------------------------------------------------ README tables
+def results_file(table: Table) -> Path:
+    """The committed results JSON of a table: ``configs/tables/results/<table>.json``."""
+    return tables_root() / 'results' / f'{table.name}.json'
+
+
+def _markers(name: str) -> Tuple[str, str]:
+    begin = (f'<!-- reproduce:{name} begin: generated by `python tools/reproduce.py {name} gather '
+             f'--into README.md` from configs/tables/results/{name}.json; do not edit -->')
+    return begin, f'<!-- reproduce:{name} end -->'
+
+
+def _one(value: Any, fmt: Callable[[Any], str]) -> str:
+    """A merged environment field (one value, or the list of the jobs' distinct values)."""
+    values = value if isinstance(value, list) else [value]
+    return ' / '.join(fmt(v) for v in values if v is not None) or 'n/a'
+
+
+def environment_line(env: Dict[str, Any]) -> str:
+    """One sentence of what a results JSON's jobs recorded (machine, versions, commit,
+    installed package set)."""
+    if not env.get('packages_hash'):
+        return 'No run recorded: nothing was trained or tested for this table.'
+
+    def machine(m: Dict[str, Any]) -> str:
+        return f'{m["system"]} {m["machine"]}, {m["cpus"]} CPUs, Python {m["python"]}'
+
+    def versions(v: Dict[str, Any]) -> str:
+        names = [('torch', 'torch'), ('mmcv', 'mmcv'), ('mmengine', 'mmengine'),
+                 ('mmsegmentation', 'mmseg'), ('mmpose', 'mmpose'), ('mmpsa', 'mmpsa')]
+        return ', '.join(f'{shown} {v[dist]}' for dist, shown in names if v.get(dist))
+
+    return (f'Ran on {_one(env.get("ran_on"), str)} ({_one(env.get("machine"), machine)}); '
+            f'{_one(env.get("versions"), versions)}; mmpsa commit '
+            f'{_one(env.get("mmpsa_commit"), str)}; installed packages '
+            f'{_one(env.get("packages_hash"), str)} (the lock\'s hash when they match it).')
+
+
+def readme_block(table: Table, results: Dict[str, Any]) -> str:
+    """The Markdown block of a table in the README, from its results JSON (markers
+    included): the title, what ran, the table without links, the measured spread if any."""
+    begin, end = _markers(table.name)
+    lines = [
+        begin, f'**{results["title"]}** (`configs/tables/{table.name}.py`). '
+        f'{environment_line(results.get("environment", {}))}', '',
+        format_table(table, results['rows'], links=False)
+    ]
+    if results.get('spread'):
+        lines += ['', spread_line(results['spread'])]
+    return '\n'.join(lines + [end])
+
+
+def spread_line(spread: Dict[str, Any]) -> str:
+    """The sentence of a results JSON's ``spread`` (metrics over several seeds)."""
+    per_row = ', '.join(f'{name} {value:.2f}' for name, value in spread['rows'].items())
+    return (f'Spread over seeds {", ".join(map(str, spread["seeds"]))} (max - min of each '
+            f'metric, {spread["what"]}): {per_row}. Differences within it are noise.')
+
+
+def write_into(path: str, table: Table, results: Dict[str, Any]) -> None:
+    """Replace a table's block (between its marker comments) in a Markdown file.
+
+    Raises:
+        ValueError: The file does not hold the markers once each.
+    """
+    text = Path(path).read_text()
+    begin, end = _markers(table.name)
+    head = begin.split(':', 2)[0] + ':' + table.name + ' begin'
+    if text.count(head) != 1 or text.count(end) != 1:
+        raise ValueError(f'{path} must hold the lines {begin!r} and {end!r} once each')
+    start = text.index(head)
+    start = text.rfind('\n', 0, start) + 1
+    stop = text.index(end) + len(end)
+    Path(path).write_text(text[:start] + readme_block(table, results) + text[stop:])
+
+
+def readme_results(table: Table, path: str) -> str:
+    """A table's block as it is in a Markdown file (markers included)."""
+    text = Path(path).read_text()
+    _, end = _markers(table.name)
+    start = text.rfind('\n', 0, text.index(f'<!-- reproduce:{table.name} begin')) + 1
+    return text[start:text.index(end) + len(end)]
+
+
+def _same_metrics(rows: List[Dict[str, Any]], other: List[Dict[str, Any]]) -> bool:
+
+    def metrics(rs: List[Dict[str, Any]]) -> List[tuple]:
+        return [(r['config'], r.get('stock'), r.get('psa')) for r in rs]
+
+    return metrics(rows) == metrics(other)
+
+
+def compare_results(table: Table, records: List[Dict[str, Any]],
+                    work_root: str) -> Tuple[bool, List[str]]:
+    """Compare fresh metrics with the committed results JSON (the README's numbers).
+
+    A metric is the same when it differs by at most the committed ``spread`` of its row (0
+    without one). The installed package set is compared too (a different one explains a
+    difference, it is not one).
+
+    Returns:
+        ``(same, lines)``: the verdict and what to print.
+    """
+    committed = json.loads(results_file(table).read_text())
+    spread = (committed.get('spread') or {}).get('rows', {})
+    fresh_env = environment(table, work_root)
+    lock = _one(fresh_env.get('packages_hash'), str)
+    old = {r['config']: r for r in committed['rows']}
+    differ, noise = [], []
+    for rec in records:
+        before = old.get(rec['config'])
+        for key in ('stock', 'psa'):
+            was = before.get(key) if before else None
+            now = rec.get(key)
+            if was == now:
+                continue
+            delta = f' ({now - was:+.2f})' if was is not None and now is not None else ''
+            line = (f'  {rec["config"]} {key} {rec["metric"]}: {now} here, {was} in the '
+                    f'README{delta}')
+            if was is None or now is None or abs(now - was) > spread.get(rec['config'], 0) + 1e-9:
+                differ.append(line)
+            else:
+                noise.append(line + ' (within the spread)')
+    if not differ:
+        within = ' within the measured spread' if noise else ''
+        return True, [f'same as the README{within} (lock {lock})'] + noise
+    lines = [f'DIFFERENT from the README ({results_file(table)}):'] + differ + noise
+    committed_lock = _one((committed.get('environment') or {}).get('packages_hash'), str)
+    if committed_lock != lock:
+        lines.append(f'  installed packages {lock} here, {committed_lock} for the README '
+                     '(set up from the lock: tools/setup_env.sh)')
+    return False, lines
+
+
 # ------------------------------------------------------------------ publish
+def _software(record: Dict[str, Any]) -> str:
+    """``torch 2.14.1 (CUDA 13.0), mmcv 2.1.0, ..., mmpsa 0.1.0 (commit ...)`` of a record."""
+    versions = record.get('versions', {})
+    names = [('torch', 'torch'), ('mmcv', 'mmcv'), ('mmengine', 'mmengine'),
+             ('mmsegmentation', 'mmseg'), ('mmpose', 'mmpose'), ('mmpsa', 'mmpsa')]
+    parts = []
+    for dist, shown in names:
+        if versions.get(dist):
+            text = f'{shown} {versions[dist]}'
+            if dist == 'torch' and versions.get('cuda'):
+                unused = '' if versions.get('cuda_used') else ', unused'
+                text += f' (CUDA {versions["cuda"]}{unused})'
+            parts.append(text)
+    return ', '.join(parts) + f'; mmpsa commit: {record.get("mmpsa_commit")}'
+
+
+def published_entry(table: Table,
+                    rec: Dict[str, Any],
+                    weights_url: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The metafile entry of one gathered row: only what its runs measured and recorded.
+
+    ``Results`` (the tested metric); ``Weights`` and ``Training log`` only under
+    ``weights_url`` and only for files that exist; in ``Metadata`` what the jobs' run records
+    say they ran on (``Training Resources`` and ``Training Software`` for a trained row, ``Test
+    Resources`` and ``Test Software`` for released weights) and ``Memory (MB)`` where the logs
+    have it. None for a row without a result.
+    """
+    if rec['psa'] is None:
+        return None
+    entry: Dict[str, Any] = {
+        'Results': [{
+            'Task': table.task,
+            'Dataset': table.dataset,
+            'Metrics': {
+                rec['metric']: rec['psa']
+            }
+        }],
+        'Metadata': {},
+    }
+    url = weights_url.rstrip('/') if weights_url else None
+    if url and rec['checkpoint'] and osp.isfile(rec['checkpoint']):
+        entry['Weights'] = f'{url}/{rec["config"]}/{osp.basename(rec["checkpoint"])}'
+    if url and rec['log'] and osp.isfile(rec['log']):
+        entry['Training log'] = (f'{url}/{rec["config"]}/{osp.basename(osp.dirname(rec["log"]))}/'
+                                 f'{osp.basename(rec["log"])}')
+    recorded = rec['records']
+    prefix, sessions = (('Test', recorded['test'][-1:]) if rec['kind'] == RELEASED else
+                        ('Training', recorded['train']))
+    if sessions:
+        entry['Metadata'][f'{prefix} Resources'] = _ran_on({'train': sessions, 'test': []})
+        software = list(dict.fromkeys(_software(r) for r in sessions))
+        entry['Metadata'][f'{prefix} Software'] = ' + '.join(software)
+    if rec['memory_mb'] is not None:
+        entry['Metadata']['Memory (MB)'] = rec['memory_mb']
+    return entry
+
+
 def publish(table: Table,
             work_root: str,
-            opts: Optional[LaunchOptions] = None,
-            weights_url: Optional[str] = None) -> List[str]:
+            weights_url: Optional[str] = None,
+            metafile_root: Optional[Path] = None) -> List[str]:
     """Write the measured results of a gathered table into the PSA configs' metafile entries.
 
-    Only what was measured goes in: ``Results`` (task, dataset, the metric), ``Weights``
-    (the tested checkpoint, under ``weights_url`` when given), ``Training log``, and in
-    ``Metadata`` the ``Training Resources`` (from the launch options) and ``Memory (MB)`` (where
-    the logs have it). Rows that did not finish, and configs without a metafile entry (the
-    tiny ones), are left out.
+    Only what was measured and recorded goes in (:func:`published_entry`), nothing from the
+    publish call's own options but ``weights_url``. Rows that did not finish, and configs
+    without a metafile entry (the tiny ones), are left out.
 
     Args:
         table: The table.
         work_root: ``WORK_DIR`` of the launch.
-        opts: The launch options (their GPU count is the training resources).
-        weights_url: Prefix under which the checkpoints are uploaded (default: local paths).
+        weights_url: Prefix under which the checkpoints and logs are uploaded
+            (``<url>/<config>/<file>``); without it, no ``Weights`` and no ``Training log``.
+        metafile_root: The configs folder whose metafiles are written (default: mmpsa's).
 
     Returns:
         The names of the models written.
@@ -722,32 +1098,10 @@ def publish(table: Table,
     from .model_index import update_models
     updates = {}
     for rec in gather(table, work_root):
-        if rec['psa'] is None:
-            continue
-        weights = rec['checkpoint']
-        if weights_url:
-            weights = f'{weights_url.rstrip("/")}/{rec["config"]}/{osp.basename(weights)}'
-        metadata = {}
-        if opts is not None:
-            metadata['Training Resources'] = f'{opts.gpus * opts.nnodes}x GPUs'
-        if rec['memory_mb'] is not None:
-            metadata['Memory (MB)'] = rec['memory_mb']
-        updates[rec['config']] = {
-            'Results': [{
-                'Task': table.task,
-                'Dataset': table.dataset,
-                'Metrics': {
-                    rec['metric']: rec['psa']
-                }
-            }],
-            'Weights':
-            weights,
-            'Training log':
-            rec['log'],
-            'Metadata':
-            metadata,
-        }
-    return update_models(updates)
+        entry = published_entry(table, rec, weights_url)
+        if entry is not None:
+            updates[rec['config']] = entry
+    return update_models(updates, metafile_root)
 
 
 # ------------------------------------------------------------------ the whole job
@@ -800,7 +1154,8 @@ def reproduce(name: str,
               opts: Optional[LaunchOptions] = None,
               dry_run: bool = False,
               weights_url: Optional[str] = None,
-              echo: Callable[[str], None] = print) -> Optional[List[Dict[str, Any]]]:
+              echo: Callable[[str], None] = print,
+              into: Optional[str] = None) -> Optional[List[Dict[str, Any]]]:
     """``tools/reproduce.py``: launch, gather (and the attention pictures of a table that asks
     for them), publish.
 
@@ -812,6 +1167,9 @@ def reproduce(name: str,
         dry_run: Print the launch commands only.
         weights_url: See :func:`publish`.
         echo: Where the progress lines and the table go.
+        into: A Markdown file (the README) whose block of this table is rewritten from the
+            gathered rows, which are also kept as the table's committed results JSON
+            (:func:`results_file`).
 
     Returns:
         The gathered rows (None when not gathered).
@@ -834,7 +1192,21 @@ def reproduce(name: str,
              f'checkpoints: {Path(work_root) / table.name}/<config>/' +
              (f'; attention maps: {len(pictures)} PNGs in {Path(work_root) / table.name}/'
               'attention/' if table.attention else ''))
+        if into:
+            results = json.loads(js.read_text())
+            for rec in results['rows']:  # the committed copy names no local paths
+                rec['log'] = rec['checkpoint'] = None
+                rec['records'] = {k: len(v) for k, v in rec['records'].items()}
+            old = results_file(table)
+            if old.is_file():  # a measured spread stays with the numbers it was measured for
+                spread = json.loads(old.read_text()).get('spread')
+                if spread and _same_metrics(json.loads(old.read_text())['rows'], results['rows']):
+                    results['spread'] = spread
+            old.parent.mkdir(parents=True, exist_ok=True)
+            old.write_text(json.dumps(results, indent=2) + '\n')
+            write_into(into, table, results)
+            echo(f'wrote the table into {into} (from {_shown(old)})')
     if 'publish' in steps:
-        names = publish(table, work_root, opts, weights_url)
+        names = publish(table, work_root, weights_url)
         echo(f'published {len(names)} models into their metafiles: {", ".join(names) or "-"}')
     return records
