@@ -35,7 +35,7 @@ from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from ..checkpoint import checkpoint_door, fetch_checkpoint, verify_checkpoint_file
+from ..checkpoint import checkpoint_door, fetch_and_verify, verify_checkpoint_file
 from ..datasets.check import check_dataset
 from ..engine.runner import add_custom_hook
 from ..utils.paths import PACKAGE_PREFIX, config_path
@@ -103,8 +103,9 @@ def set_resume(cfg: Config, resume: Optional[str]) -> None:
         cfg.resume = True
         cfg.load_from = resume
     if cfg.get('load_from'):
-        cfg.load_from = fetch_checkpoint(cfg.load_from)  # a URL: downloaded, then local
-        verify_checkpoint_file(cfg.load_from)
+        # checked before the run is built; a URL is downloaded now and read from the cache
+        # by the run, whose messages name the URL
+        cfg.load_from = _as_given(cfg.load_from, fetch_and_verify(cfg.load_from))
     elif cfg.get('resume'):
         last = osp.join(cfg.work_dir, 'last_checkpoint')
         if osp.isfile(last):
@@ -322,9 +323,9 @@ def test(config: str,
     cfg = load_config(config, cfg_options)
     cfg.launcher = launcher
     set_work_dir(cfg, config, work_dir)
-    checkpoint = fetch_checkpoint(checkpoint)  # a URL: downloaded, then local
-    verify_checkpoint_file(checkpoint)
-    cfg.load_from = checkpoint
+    # checked before the run is built; a URL is downloaded now and read from the cache by
+    # the run, whose messages name the URL
+    cfg.load_from = _as_given(checkpoint, fetch_and_verify(checkpoint))
     add_custom_hook(
         cfg,
         dict(type='PSACheckpointHook', purpose='test', allow_missing_psa=allow_missing_psa),
@@ -341,6 +342,12 @@ def test(config: str,
         import mmengine
         mmengine.dump(metrics, out)
     return metrics
+
+
+def _as_given(name: str, local: str) -> str:
+    """What the run loads: a URL or named model as given (the door reads it from the cache
+    :func:`~mmpsa.checkpoint.fetch_and_verify` filled), else the local path."""
+    return str(name) if '://' in str(name) else local
 
 
 def _as_list(value: Any) -> List[Any]:

@@ -28,7 +28,7 @@ from .atomic import atomic_write, save_checkpoint_atomically  # noqa: F401
 from .build import build_model, build_model_cfg, load_into_model, scope_of  # noqa: F401
 from .door import check_checkpoint_file, checkpoint_door, door_active  # noqa: F401
 from .door import fetch_checkpoint, read_checkpoint, register_schemes  # noqa: F401
-from .door import verify_checkpoint_file  # noqa: F401
+from .door import fetch_and_verify, verify_checkpoint_file  # noqa: F401
 from .errors import CheckpointMismatchError, CheckpointReadError  # noqa: F401
 from .errors import UnsafeCheckpointReadError  # noqa: F401
 from .match import EVAL_PURPOSES, LOAD_PURPOSES, PSA_RECORD_KEY, KeyDiff  # noqa: F401

@@ -234,6 +234,36 @@ def fetch_checkpoint(filename: str) -> str:
     return local
 
 
+def _shown(name: str, local: str) -> str:
+    """A checkpoint as messages name it: the name the user gave, and where it was fetched."""
+    return local if local == name else f'{name} (downloaded to {local})'
+
+
+def fetch_and_verify(filename: str) -> str:
+    """:func:`fetch_checkpoint`, then :func:`verify_checkpoint_file`: the checks of
+    :func:`read_checkpoint` before the unpickling, for a tool to run before it builds a run.
+
+    Args:
+        filename: Local path, URL or mmengine named model.
+
+    Returns:
+        The local file.
+
+    Raises:
+        CheckpointReadError: Missing, truncated, corrupt (CRCs), not a checkpoint, or a
+            failed download; the message names ``filename`` as given (and the downloaded
+            file of a URL).
+    """
+    name = str(filename)
+    local = fetch_checkpoint(name)
+    try:
+        verify_checkpoint_file(local)
+    except CheckpointReadError as err:
+        raise CheckpointReadError(str(err).replace(repr(local), repr(_shown(name, local)),
+                                                   1)) from err
+    return local
+
+
 def _torch_load(filename: str, map_location) -> dict:
     """The one ``torch.load`` of mmpsa: an explicit allow-list on every torch."""
     if compat.has_add_safe_globals():
@@ -263,12 +293,8 @@ def read_checkpoint(filename: str, map_location='cpu') -> dict:
         CheckpointReadError: Missing, truncated, corrupt (CRCs), or not a checkpoint.
     """
     name = str(filename)
-    local = fetch_checkpoint(name)
-    shown = local if local == name else f'{name} (downloaded to {local})'
-    try:
-        verify_checkpoint_file(local)
-    except CheckpointReadError as err:
-        raise CheckpointReadError(str(err).replace(repr(local), repr(shown), 1)) from err
+    local = fetch_and_verify(name)
+    shown = _shown(name, local)
     try:
         checkpoint = _torch_load(local, map_location)
     except (UnsafeCheckpointError, pickle.UnpicklingError, RuntimeError, EOFError,
