@@ -96,5 +96,6 @@ def test_compare_says_same_or_names_the_rows_that_differ(tmp_path):
     changed[2]['psa'] = round(changed[2]['psa'] + 1.5, 2)
     same, lines = compare_results(table, changed, str(tmp_path))
     assert not same
-    differ = [line for line in lines if line.startswith('  ') and ' here, ' in line]
+    configs = tuple(f'  {r["config"]} ' for r in rows)
+    differ = [line for line in lines if line.startswith(configs)]
     assert len(differ) == 1 and rows[2]['config'] in differ[0] and '(+1.50)' in differ[0], lines

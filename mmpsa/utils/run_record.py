@@ -130,6 +130,7 @@ def collect(launcher: str, world_size: int) -> Dict[str, Any]:
         'versions': versions,
         'mmpsa_commit': git_commit(),
         'packages_hash': packages_hash(packages),
+        'packages': packages,
         'machine': machine(),
         'threads': torch.get_num_threads(),
         'environment': {
