@@ -113,3 +113,57 @@ def triton_op(name: str, fn: Callable, mutates_args: Iterable[str] = ()) -> Any:
 def wrap_triton(kernel: Any) -> Any:
     """``torch.library.wrap_triton(kernel)`` where torch has it (torch >= 2.6), else ``kernel``."""
     return torch.library.wrap_triton(kernel) if has_triton_op() else kernel
+
+
+# nn.Module.register_load_state_dict_pre_hook (public; the hook gets the module first):
+# torch 2.5 (pytorch#126704, relanded as #131690, July 2024). Before, the private
+# _register_load_state_dict_pre_hook(hook, with_module=True) does the same (torch >= 1.10).
+def register_load_state_dict_pre_hook(module: torch.nn.Module, hook: Callable) -> Any:
+    """``module.register_load_state_dict_pre_hook(hook)`` on every supported torch.
+
+    ``hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+    unexpected_keys, error_msgs)`` runs before ``module`` loads its part of a state dict.
+
+    Returns:
+        The removable handle.
+    """
+    public = getattr(module, 'register_load_state_dict_pre_hook', None)
+    if public is not None:
+        return public(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+# ONNX export through the dynamo exporter: torch.export.Dim.AUTO (pytorch#133620, #134484,
+# August 2024) and torch.onnx.export(ExportedProgram, ..., dynamo=True): torch 2.5.
+# (torch.export.export is in 2.1, torch.export.Dim in 2.2, strict=False in 2.3.)
+ONNX_EXPORT_TORCH = '2.5'
+
+
+def has_dynamo_onnx_export() -> bool:
+    """Whether torch has what :mod:`mmpsa.deploy.onnx` calls (torch >= 2.5)."""
+    if torch_version() < (2, 5):
+        return False
+    import inspect
+
+    import torch.export
+    import torch.onnx
+    dim = getattr(torch.export, 'Dim', None)
+    try:
+        takes_dynamo = 'dynamo' in inspect.signature(torch.onnx.export).parameters
+    except (TypeError, ValueError):
+        takes_dynamo = False
+    return getattr(dim, 'AUTO', None) is not None and takes_dynamo
+
+
+def require_dynamo_onnx_export() -> None:
+    """Raise :class:`UnsupportedVersionError` where ONNX export cannot run (torch < 2.5)."""
+    if not has_dynamo_onnx_export():
+        raise UnsupportedVersionError(
+            f'ONNX export (torch.export with Dim.AUTO, torch.onnx.export(dynamo=True)) needs '
+            f'torch >= {ONNX_EXPORT_TORCH}, this is torch {torch.__version__}')
+
+
+def dim_auto() -> Any:
+    """``torch.export.Dim.AUTO`` (torch >= 2.5)."""
+    require_dynamo_onnx_export()
+    return torch.export.Dim.AUTO

@@ -81,8 +81,9 @@ def test_the_simulated_old_torch_takes_the_restricted_unpickler(tmp_path, monkey
     monkeypatch.setattr(torch, 'load', spy)
     path = tmp_path / 'w.pth'
     torch.save({'w': torch.ones(1)}, path)
-    read_checkpoint(str(path))
-    assert calls[-1]['weights_only'] is True and 'pickle_module' not in calls[-1]
+    if mmpsa.compat.has_add_safe_globals():  # torch >= 2.4 (torch < 2.4: the branch below)
+        read_checkpoint(str(path))
+        assert calls[-1]['weights_only'] is True and 'pickle_module' not in calls[-1]
     monkeypatch.setattr(mmpsa.compat, 'has_add_safe_globals', lambda: False)
     read_checkpoint(str(path))
     assert calls[-1]['weights_only'] is False
@@ -201,6 +202,38 @@ def test_mmengine_checkpoint_loads_on_both_branches(tmp_path, branch):
     np.testing.assert_array_equal(meta['flip_indices'], [0, 2, 1])
     assert meta['palette'].dtype == np.uint8 and meta['scalar'] == 2.5
     assert torch.equal(ckpt['state_dict']['w'], torch.ones(2))
+
+
+@pytest.mark.parametrize('old_torch', [False, True])
+def test_forced_weights_only_variable(tmp_path, monkeypatch, old_torch):
+    """A user's TORCH_FORCE_WEIGHTS_ONLY_LOAD=1: nothing changes where torch has
+    add_safe_globals; on an older torch (which then refuses a pickle_module) the door loads
+    with torch's own weights-only set: plain state dicts load, payloads are refused, and
+    mmengine's Runner checkpoints are refused with a message naming the variable."""
+    monkeypatch.setenv('TORCH_FORCE_WEIGHTS_ONLY_LOAD', '1')
+    if old_torch:
+        monkeypatch.setattr(mmpsa.compat, 'has_add_safe_globals', lambda: False)
+    elif not mmpsa.compat.has_add_safe_globals():
+        pytest.skip(f'needs torch >= 2.4 (add_safe_globals), this is {torch.__version__}')
+    plain = tmp_path / 'plain.pth'
+    torch.save({'state_dict': OrderedDict(w=torch.ones(2))}, plain)
+    assert torch.equal(read_checkpoint(str(plain))['state_dict']['w'], torch.ones(2))
+    marker = tmp_path / 'ran'
+    evil = save_payload(tmp_path / 'evil.pth', marker)
+    with pytest.raises(UnsafeCheckpointReadError) as err:
+        read_checkpoint(str(evil))
+    _assert_refused(err, str(evil), marker)
+    hub = _mmengine_like(tmp_path / 'hub.pth')
+    if not old_torch:  # the variable changes nothing: the allow-list is torch's
+        assert isinstance(
+            read_checkpoint(str(hub))['message_hub']['log_scalars']['loss'], HistoryBuffer)
+    elif mmpsa.compat.torch_version() < (2, 4):  # torch's set lacks mmengine's globals
+        with pytest.raises(
+                UnsafeCheckpointReadError,
+                match='TORCH_FORCE_WEIGHTS_ONLY_LOAD is '
+                r'set: on torch .*unset it'):
+            read_checkpoint(str(hub))
+    # (simulated on a newer torch, torch's process-wide list already holds mmpsa's globals)
 
 
 class _GetattrEscape:

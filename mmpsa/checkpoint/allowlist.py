@@ -16,6 +16,7 @@ Two ways to enforce the list, chosen per load by :mod:`mmpsa.checkpoint.door`:
   weights-only set and :func:`safe_globals`) and, as torch's own, calls, instantiates and
   builds only those.
 """
+import codecs
 import pickle
 import types
 from typing import Any, Callable, Dict, List, Tuple, Union
@@ -84,7 +85,13 @@ def safe_globals() -> List[SafeGlobal]:
     Returns:
         A list in ``torch.serialization.add_safe_globals`` form.
     """
-    return [HistoryBuffer, (history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
+    # ``_codecs.encode``: numpy arrays pickled with protocol 2 (mmengine's) store their bytes
+    # as ``_codecs.encode(text, 'latin1')``. torch's own weights-only set carries it on newer
+    # torch (2.14 does), torch 2.1's does not: mmpsa's list carries it (the same object).
+    return [
+        HistoryBuffer, (history_buffer_getattr, 'builtins.getattr'),
+        (codecs.encode, '_codecs.encode')
+    ] + _numpy_globals()
 
 
 def register_safe_globals() -> bool:

@@ -264,17 +264,47 @@ def fetch_and_verify(filename: str) -> str:
     return local
 
 
+#: torch's variable that forces ``weights_only=True`` on every ``torch.load`` (any torch).
+FORCE_WEIGHTS_ONLY_VAR = 'TORCH_FORCE_WEIGHTS_ONLY_LOAD'
+
+
+def forced_weights_only() -> bool:
+    """Whether the user set ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (as torch reads it)."""
+    return os.getenv(FORCE_WEIGHTS_ONLY_VAR, '0').lower() in ('1', 'y', 'yes', 'true')
+
+
 def _torch_load(filename: str, map_location) -> dict:
-    """The one ``torch.load`` of mmpsa: an explicit allow-list on every torch."""
+    """The one ``torch.load`` of mmpsa: an explicit allow-list on every torch.
+
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` changes nothing on torch >= 2.4 (the door asks for
+    weights-only already). On an older torch it makes torch refuse any ``pickle_module``, so
+    the restricted unpickler cannot run: the door then loads with torch's own weights-only
+    set alone, as the variable asks. Plain state dicts load; mmengine's Runner checkpoints
+    (``message_hub``: ``HistoryBuffer``, numpy) are refused, the message naming the variable.
+    """
     if compat.has_add_safe_globals():
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    if forced_weights_only():  # torch < 2.4 refuses a pickle module under the variable
         return torch.load(filename, map_location=map_location, weights_only=True)
     # torch < 2.4: torch accepts a pickle module only with weights_only=False
     return torch.load(
         filename, map_location=map_location, weights_only=False, pickle_module=RESTRICTED_PICKLE)
 
 
-_REFUSALS = ('unsupported global', 'allow-list', 'can only build', 'can only create',
-             'trying to call reduce', 'unsupported operand', 'is blocked')
+def _forced_note() -> str:
+    """What the variable did, for a refusal on a torch without ``add_safe_globals``."""
+    if compat.has_add_safe_globals() or not forced_weights_only():
+        return ''
+    return (f' {FORCE_WEIGHTS_ONLY_VAR} is set: on torch {torch.__version__} (< 2.4) torch '
+            "then loads with its own weights-only set alone and refuses mmpsa's allow-list "
+            "(mmengine's HistoryBuffer and numpy metadata); unset it to read mmengine "
+            "checkpoints through mmpsa's restricted unpickler, which runs nothing either.")
+
+
+# torch's weights-only refusals (2.1's words: 'Unsupported class', 2.14's: 'Unsupported global')
+_REFUSALS = ('unsupported global', 'unsupported class', 'allow-list', 'can only build',
+             'can only create', 'trying to call reduce', 'unsupported operand', 'is blocked',
+             'weights only load failed')
 
 
 def read_checkpoint(filename: str, map_location='cpu') -> dict:
@@ -305,7 +335,7 @@ def read_checkpoint(filename: str, map_location='cpu') -> dict:
                 f'refused checkpoint {shown!r}: its pickle {_refusal(text)}; nothing of it '
                 'was run. A checkpoint of mmseg/mmpose/mmengine needs nothing else: if you '
                 'trust this file and need more, convert it to a plain state_dict of '
-                'tensors.') from err
+                f'tensors.{_forced_note()}') from err
         raise _unreadable(local, err) from err
     if name.startswith('mmcls://'):
         from mmengine.runner.checkpoint import _process_mmcls_checkpoint
@@ -319,6 +349,9 @@ def _refusal(text: str) -> str:
     first = first.replace('Weights only load failed. ', '')
     if 'allow-list' in first:  # the restricted unpickler's own words
         return first
+    if 'Unsupported class ' in text:  # torch < 2.4's weights-only unpickler
+        rest = text[text.index('Unsupported class ') + len('Unsupported class '):].split()
+        return f'names the global {rest[0] if rest else "?"}, which is not on the allow-list'
     if 'GLOBAL' in text:
         start = text.index('GLOBAL')
         name = text[start:].split()[1] if len(text[start:].split()) > 1 else '?'

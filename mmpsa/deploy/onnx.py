@@ -8,7 +8,9 @@ over the tolerance refuses the export and removes the file. A model whose code f
 at export (an ``int()`` of a traced size) is off at another size; the modules that turn
 symbolic sizes into constants are then named. A multi-scale (mscale) segmentor whose test
 combines scales is refused (its exportable forward is the single-scale one). Needs the
-``deploy`` extra (``pip install mmpsa[deploy]``: onnx, onnxscript, onnxruntime).
+``deploy`` extra (``pip install mmpsa[deploy]``: onnx, onnxscript, onnxruntime) and torch >= 2.5
+(``torch.export.Dim.AUTO``, ``torch.onnx.export(dynamo=True)``; :mod:`mmpsa.compat`): an older
+torch is refused with :class:`~mmpsa.compat.UnsupportedVersionError` before anything is built.
 """
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import compat
 from .rewriters import export_rewrites
 
 #: Largest ``max |onnx - eager| / max |eager|`` a check accepts.
@@ -192,7 +195,9 @@ def export_module(module: nn.Module,
         DeployError: The export failed, or onnxruntime disagrees with eager at a checked
             size; the file is then removed.
         ValueError: ``dynamic`` with a size that is not a multiple of ``size_divisor``.
+        UnsupportedVersionError: torch < 2.5 (:func:`mmpsa.compat.require_dynamo_onnx_export`).
     """
+    compat.require_dynamo_onnx_export()
     h, w = (int(s) for s in shape)
     if h < 1 or w < 1:
         raise ValueError(f'shape must be two positive sides, got {tuple(shape)!r}')
@@ -208,7 +213,7 @@ def export_module(module: nn.Module,
     start = time.time()
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(1, channels, h, w, generator=gen)
-    dims = ({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}, ) if dynamic else None
+    dims = ({2: compat.dim_auto(), 3: compat.dim_auto()}, ) if dynamic else None
     log(f'[export] torch.export at {h}x{w}{" (dynamic H, W)" if dynamic else ""} ...')
     with export_rewrites() as report.rewrites:
         try:
@@ -354,6 +359,7 @@ def export_config(config: Union[str, Path],
         **kwargs: :func:`export_module`'s ``dynamic``, ``opset``, ``second_shape``,
             ``size_divisor``.
     """
+    compat.require_dynamo_onnx_export()  # before the model is built
     log(f'[export] building {config} ...')
     model = load_model(config, checkpoint, cfg_options, allow_missing_psa)
     return export_module(model, shape, out, log=log, **kwargs)

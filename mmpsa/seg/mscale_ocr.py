@@ -27,6 +27,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, SampleList, add_prefix
 from torch import Tensor
 
+from .. import compat
 from ..checkpoint import CheckpointMismatchError, key_diff
 
 TRAIN_CFG_KEYS = ('scales', 'scale_loss_weight')
@@ -233,7 +234,7 @@ class MscaleCascadeEncoderDecoder(CascadeEncoderDecoder):
                              f'(MscaleOCRHead), got {type(self.decode_head[1]).__name__}')
         self.strict_load = strict_load
         if strict_load:
-            self.register_load_state_dict_pre_hook(self._check_state_dict)
+            compat.register_load_state_dict_pre_hook(self, self._check_state_dict)
 
     @property
     def test_scales(self) -> Tuple[float, ...]:

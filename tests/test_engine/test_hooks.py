@@ -16,6 +16,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS, METRICS, RUNNERS
 
 import mmpsa  # noqa: F401  (registers)
+from mmpsa.checkpoint import read_checkpoint
 
 LOSSES: Dict[str, Dict[int, float]] = {}
 
@@ -108,7 +109,7 @@ def test_checkpoints_carry_rng_states_and_load_weights_only(tmp_path):
     runner = RUNNERS.build(_cfg(tmp_path, 'states'))
     runner.train()
     assert 'SafeCheckpointHook' in [type(hook).__name__ for hook in runner.hooks]
-    ckpt = torch.load(tmp_path / 'iter_2.pth', weights_only=True)
+    ckpt = read_checkpoint(tmp_path / 'iter_2.pth')
     saved = ckpt['message_hub']['runtime_info']['rng_states']
     assert (saved['epoch'], saved['iter']) == (0, 2) == (ckpt['meta']['epoch'],
                                                          ckpt['meta']['iter'])
@@ -134,7 +135,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, safe):
         RUNNERS.build(_cfg(tmp_path, f'failed-save-{safe}', safe=safe, max_keep_ckpts=1)).train()
     if safe:
         assert _ckpts(tmp_path) == ['iter_2.pth']
-        assert torch.load(tmp_path / 'iter_2.pth', weights_only=True)['meta']['iter'] == 2
+        assert read_checkpoint(tmp_path / 'iter_2.pth')['meta']['iter'] == 2
     else:
         assert _ckpts(tmp_path) == []  # mmengine deleted it before saving iter_4
     assert _last_checkpoint(tmp_path) == str(tmp_path / 'iter_2.pth')
@@ -161,7 +162,7 @@ def test_death_before_rename_leaves_complete_files(tmp_path, monkeypatch, dies_a
     expected = ['iter_2.pth'] if dies_at == 'iter_4.pth' else ['iter_2.pth', 'iter_4.pth']
     assert _ckpts(tmp_path) == expected  # the temporary file was cleaned up
     for name in expected:
-        torch.load(tmp_path / name, weights_only=True)
+        read_checkpoint(tmp_path / name)
     assert _last_checkpoint(tmp_path) == str(tmp_path / 'iter_2.pth')
 
     # A SIGKILL would have left the temporary file: the next run removes it.

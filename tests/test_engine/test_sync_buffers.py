@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mmpsa.apis.runner import test as run_test
+from mmpsa.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,7 +182,7 @@ def test_rank0_validation_equals_the_saved_checkpoints_test(trained, loop):
     work_dir = trained / f'{loop}_work'
     checkpoints = LOOPS[loop][1]
     buffers = [torch.load(work_dir / f'buffers_rank{rank}.pth') for rank in (0, 1)]
-    last = torch.load(work_dir / checkpoints[-1], weights_only=True)['state_dict']
+    last = read_checkpoint(work_dir / checkpoints[-1])['state_dict']
     for name in ('bn.running_mean', 'bn.running_var'):
         assert torch.equal(buffers[0][name], buffers[1][name])  # the ranks agree
         assert torch.equal(last[name], buffers[0][name])  # and the checkpoint holds that

@@ -17,6 +17,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
+from mmpsa.checkpoint import read_checkpoint
+
 MODELS = ('hrnet', 'simplebaseline')
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -55,7 +57,7 @@ def test_training_reaches_nontrivial_ap(request, name, untrained_ap):
 @pytest.mark.parametrize('name', MODELS)
 def test_checkpoint_holds_psa_weights(request, name):
     trained = _trained(request, name)
-    ckpt = torch.load(trained['checkpoint'], map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(trained['checkpoint'])
     keys = list(ckpt['state_dict'])
     assert any(k.startswith('backbone.layer1.0.psa.') for k in keys)
     if name == 'hrnet':
@@ -87,7 +89,7 @@ def test_resume_continues_from_checkpoint(request, name, make_tiny_config, tiny_
     probe = _Probe()
     runner.register_hook(probe, priority='LOWEST')
     runner.train()
-    ckpt = torch.load(trained['checkpoint'], map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(trained['checkpoint'])
     assert (probe.epoch, probe.iter) == (epochs, trained['iters'])
     assert probe.state.keys() == ckpt['state_dict'].keys()
     for key, value in ckpt['state_dict'].items():

@@ -22,6 +22,7 @@ from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
+from mmpsa.checkpoint import read_checkpoint
 from mmpsa.datasets.cityscapes_tiny import make_tiny_cityscapes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ def _train_tiny(config: Path, data_root: Path, work_dir: Path) -> TinyRun:
     runner.register_hook(record, priority='LOWEST')
     runner.train()
 
-    saved = torch.load(work_dir / f'iter_{mid}.pth', map_location='cpu', weights_only=True)
+    saved = read_checkpoint(work_dir / f'iter_{mid}.pth')
     matches = record.start_state is not None and all(
         torch.equal(record.start_state[k], v) for k, v in saved['state_dict'].items())
     return TinyRun(

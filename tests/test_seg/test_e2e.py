@@ -9,6 +9,7 @@ import cv2
 import pytest
 
 from mmpsa.apis.runner import test as run_test_tool
+from mmpsa.checkpoint import read_checkpoint
 from mmpsa.datasets.cityscapes_tiny import USED_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,8 +105,8 @@ def test_checkpoints_hold_trained_psa_weights(tiny_run):
 
     run = tiny_run('deeplabv3plus')
     mid, last = (
-        torch.load(run.work_dir / f'iter_{i}.pth', map_location='cpu',
-                   weights_only=True)['state_dict'] for i in (run.mid_iter, run.max_iters))
+        read_checkpoint(run.work_dir / f'iter_{i}.pth')['state_dict']
+        for i in (run.mid_iter, run.max_iters))
     keys = [k for k in last if '.psa.' in k]
     assert any(k.startswith('backbone.layer1.0.psa.') for k in keys)
     assert any(k.startswith('backbone.layer4.1.psa.') for k in keys)

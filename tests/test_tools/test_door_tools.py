@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import mmpsa.compat
+from mmpsa.checkpoint import read_checkpoint
 from mmpsa.utils.tiny import TINY_SEG
 
 FIVE = ('road', 'sidewalk', 'building', 'wall', 'fence')
@@ -115,7 +116,7 @@ def _train_once(root: Path) -> Path:
         work_dir=str(root / 'trained'),
         cfg_options=dict(experiment_name='door-trained', **{'visualizer.name': 'door-trained'}))
     ckpt = root / 'trained' / 'iter_2.pth'
-    assert torch.load(ckpt, weights_only=True)['meta']['psa']['backbone']['blocks'] == 9
+    assert read_checkpoint(ckpt)['meta']['psa']['backbone']['blocks'] == 9
     return ckpt
 
 
@@ -231,8 +232,8 @@ def test_fine_tuning_the_19_class_checkpoint_to_5_classes(world, tmp_path, load_
     out = capsys.readouterr().out
     assert 'tensors of other shapes are skipped' in out
     assert 'decode_head.conv_seg.weight: (19, 120, 1, 1) in the checkpoint' in out
-    tuned = torch.load(work_dir / 'iter_1.pth', weights_only=True)['state_dict']
-    loaded = torch.load(ckpt, weights_only=True)['state_dict']
+    tuned = read_checkpoint(work_dir / 'iter_1.pth')['state_dict']
+    loaded = read_checkpoint(ckpt)['state_dict']
     assert tuned['decode_head.conv_seg.weight'].shape == (5, 120, 1, 1)
     for key in ('backbone.conv1.weight', 'backbone.stage2.0.branches.0.0.psa.conv_up.weight'):
         torch.testing.assert_close(tuned[key], loaded[key], rtol=0, atol=1.1e-2)

@@ -18,6 +18,7 @@ from mmengine.config import Config
 
 from mmpsa.apis.runner import (LaunchError, build_runner, launcher_env, load_config, plain_bn,
                                prepare_distributed, set_resume)
+from mmpsa.checkpoint import read_checkpoint
 from mmpsa.engine import ExactResumeRunner
 from mmpsa.engine.runner import exact_resume_cfg
 
@@ -150,7 +151,7 @@ def test_ddp_on_cpu_with_torchrun(seg_cfg, tmp_path, load_tool):
     assert probes['after', 0]['saved'] == ['iter_2.pth'] and probes['after', 1]['saved'] == []
     assert sorted(p.name for p in work_dir.iterdir()
                   if p.suffix == '.pth' and not p.name.startswith('probe')) == ['iter_2.pth']
-    ckpt = torch.load(work_dir / 'iter_2.pth', weights_only=True)
+    ckpt = read_checkpoint(work_dir / 'iter_2.pth')
     assert len(ckpt['message_hub']['runtime_info']['rng_states']['states']) == 2
     assert all(torch.equal(ckpt['state_dict'][k], after[0][k]) for k in before)
 
@@ -281,7 +282,7 @@ def test_mim_train_uses_the_runtime_base(seg_cfg, tmp_path):
                           text=True,
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ckpt = torch.load(work_dir / 'iter_1.pth', weights_only=True)
+    ckpt = read_checkpoint(work_dir / 'iter_1.pth')
     assert ckpt['message_hub']['runtime_info']['rng_states']['iter'] == 1
     assert "type='ExactResumeIterBasedTrainLoop'" in ''.join(p.read_text()
                                                              for p in work_dir.rglob('*.log'))

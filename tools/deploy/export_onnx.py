@@ -13,6 +13,7 @@ from typing import List, Optional
 from mmengine.config import DictAction
 
 from mmpsa.checkpoint import CheckpointReadError
+from mmpsa.compat import UnsupportedVersionError
 from mmpsa.deploy.onnx import DeployError, export_config
 
 
@@ -66,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             size_divisor=args.size_divisor,
             cfg_options=args.cfg_options,
             allow_missing_psa=args.allow_missing_psa)
-    except (DeployError, ValueError, CheckpointReadError) as e:
+    except (DeployError, ValueError, CheckpointReadError, UnsupportedVersionError) as e:
         print(f'export_onnx: {e}', file=sys.stderr)
         return 1
     worst = max(c.max_rel for c in report.checks)
