@@ -36,13 +36,14 @@ def require_torch(version: str, feature: str) -> None:
 
 # torch.compiler.is_compiling: torch 2.3 (torch._dynamo.is_compiling before).
 def is_compiling() -> bool:
-    """Whether the code runs under ``torch.compile``/``torch.export`` tracing."""
-    compiler = getattr(torch, 'compiler', None)
-    fn: Optional[Callable[[], bool]] = getattr(compiler, 'is_compiling', None)
-    if fn is None:
-        dynamo = getattr(torch, '_dynamo', None)
-        fn = getattr(dynamo, 'is_compiling', None)
-    return bool(fn()) if fn is not None else False
+    """Whether the code runs under ``torch.compile``/``torch.export`` tracing.
+
+    Both calls are plain attribute calls: dynamo 2.1 knows ``torch._dynamo.is_compiling``
+    (True while tracing) only when called so, not through ``getattr(module, name)()``.
+    """
+    if hasattr(torch.compiler, 'is_compiling'):
+        return torch.compiler.is_compiling()
+    return torch._dynamo.is_compiling()
 
 
 # torch.is_autocast_enabled(device_type): torch 2.4 (before: no argument = CUDA,

@@ -1,5 +1,6 @@
 """The compatibility module (mmpsa/compat.py): each entry on this torch, and with its API
 simulated absent, as on the older torch versions of the support matrix (2.1 ... 2.5)."""
+import importlib
 import warnings
 
 import pytest
@@ -98,9 +99,9 @@ def test_onnx_export_apis_absent(monkeypatch):
     assert compat.has_dynamo_onnx_export() == (compat.torch_version() >= (2, 5))
     if compat.torch_version() < (2, 5):
         pytest.skip(f'the APIs are absent already: this is torch {torch.__version__}')
-    import torch.export
-    assert compat.dim_auto() is torch.export.Dim.AUTO
-    monkeypatch.delattr(torch.export.Dim, 'AUTO')  # a torch between 2.2 (Dim) and 2.5
+    export = importlib.import_module('torch.export')
+    assert compat.dim_auto() is export.Dim.AUTO
+    monkeypatch.delattr(export.Dim, 'AUTO')  # a torch between 2.2 (Dim) and 2.5
     assert not compat.has_dynamo_onnx_export()
     with pytest.raises(compat.UnsupportedVersionError, match=r'needs torch >= 2\.5'):
         compat.dim_auto()

@@ -9,6 +9,7 @@ import importlib.util
 import pytest
 import torch
 
+from mmpsa import compat
 from mmpsa.deploy import rewriters
 from mmpsa.deploy.onnx import TOLERANCE, DeployError, export_config, export_module
 from mmpsa.layers import PolarizedSelfAttention
@@ -17,6 +18,10 @@ from mmpsa.utils.tiny import TINY_POSE, TINY_SEG
 # the deploy extra (requirements/deploy.txt; the set-up installs it)
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
+if not compat.has_dynamo_onnx_export():  # the refusal itself: tests/test_compat.py
+    pytest.skip(
+        f'ONNX export needs torch >= {compat.ONNX_EXPORT_TORCH}, this is {torch.__version__}',
+        allow_module_level=True)
 
 
 def quiet(_line: str) -> None:
