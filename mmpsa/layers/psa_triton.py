@@ -545,7 +545,6 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
     xp = _vector(row + o_xp, C, BLOCK_C, ACC)
     g = _vector(row + o_g, C, BLOCK_C, ACC)
     a_ch = _vector(row + o_ach, C, BLOCK_C, ACC)
-    tl.store(grow + o_c0 + 1, s_sum)
     # the spatial branch: d sq
     if DENSE:  # wva = W_sv diag(a_ch); d sq is the dense kernel's
         for r0 in range(0, H, ROWS_C):
@@ -631,7 +630,9 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
     dxp = _linear_grad(wv_ptr, grow + o_dv, xp, gp + o_wv, gp + o_bv, H, C, True, HAS_BV, ACC,
                        BLOCK_C, ROWS_C)
     _put(grow + o_dxp, dxp, C, BLOCK_C)
+    # the scalars last: a scalar store's predicate (one thread) kept live from the top spilled
     tl.store(grow + o_c0, tl.sum(dxp * xp, axis=0))
+    tl.store(grow + o_c0 + 1, s_sum)
 
 
 @triton.jit
@@ -1122,7 +1123,7 @@ def _backward(dout: Tensor, x: Tensor, saved: List[Tensor], paper: bool, seq: bo
                 flat,
                 ACC=geo.meta['ACC'],
                 BLOCK=block,
-                num_warps=4)
+                num_warps=8)  # 4 masked entries a thread (8 in fp64 ran out of predicates)
             starts = [0, geo.c] + [geo.c + 1 + o for o in offsets]
             for i, (t, need, start) in enumerate(zip(tensors, needs[1:], starts)):
                 if t is not None and need:
