@@ -15,10 +15,19 @@ class UnsupportedVersionError(RuntimeError):
     """A feature that needs a newer torch/triton than the one installed."""
 
 
+def _major_minor(version: str) -> tuple:
+    major, minor = str(version).split('+')[0].split('.')[:2]
+    return int(major), int(minor)
+
+
+# read once: dynamo 2.1 cannot trace str methods of torch.__version__ (a TorchVersion), and
+# is_autocast_enabled() asks inside the block's traced forward
+_TORCH_VERSION = _major_minor(torch.__version__)
+
+
 def torch_version() -> tuple:
     """The installed torch's ``(major, minor)``."""
-    major, minor = torch.__version__.split('+')[0].split('.')[:2]
-    return int(major), int(minor)
+    return _TORCH_VERSION
 
 
 def require_torch(version: str, feature: str) -> None:
