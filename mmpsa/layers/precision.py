@@ -20,7 +20,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     Returns:
         torch.dtype: ``float32`` for half inputs, ``dtype`` itself for fp32/fp64.
     """
-    return torch.promote_types(dtype, torch.float32)
+    # = torch.promote_types(dtype, torch.float32) for the floating dtypes the block takes;
+    # dynamo 2.1 breaks the graph at promote_types (a torch.* call returning a dtype)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def no_autocast(t: torch.Tensor) -> ContextManager:
