@@ -21,13 +21,12 @@ and the run reads every checkpoint (``load_from``, ``resume``, ``pretrained=`` U
 refuses a resume or a test with a checkpoint of another model; training first runs the cheap
 part of :func:`mmpsa.datasets.check.check_dataset` on the train split.
 """
-import copy
 import importlib
 import logging
 import os
 import os.path as osp
 import subprocess
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import torch
 from mmengine.config import Config
@@ -36,12 +35,11 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from ..checkpoint import checkpoint_door, fetch_and_verify, verify_checkpoint_file
+from ..checkpoint.build import SCOPES, load_config  # noqa: F401  (re-exported)
 from ..datasets.check import check_dataset
 from ..engine.runner import add_custom_hook
-from ..utils.paths import PACKAGE_PREFIX, config_path
 
 #: The ``default_scope`` values the tools know.
-SCOPES = ('mmseg', 'mmpose')
 #: Values of ``--launcher``.
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 #: Norm layer types that need GPUs, and what they become on CPU.
@@ -50,34 +48,6 @@ _SYNC_NORMS = {'SyncBN': 'BN', 'MMSyncBN': 'BN'}
 
 class LaunchError(RuntimeError):
     """A run that cannot start as asked; the message says why and what to do."""
-
-
-def load_config(config: Union[str, Config], cfg_options: Optional[Dict[str, Any]] = None) -> Config:
-    """Load a config and merge ``--cfg-options`` into it.
-
-    Args:
-        config: A path, a package config (``'mmseg::hrnet/fcn_hr48_...py'``,
-            ``'mmpsa::mmseg/tiny/...py'``), or a ``Config`` (copied).
-        cfg_options: ``key=value`` overrides (mmengine's ``DictAction`` result).
-
-    Returns:
-        The config; its ``default_scope`` is one of :data:`SCOPES`.
-    """
-    if isinstance(config, Config):
-        cfg = copy.deepcopy(config)
-    elif str(config).startswith(PACKAGE_PREFIX):
-        cfg = Config.fromfile(str(config_path(config)))
-    elif '::' in str(config):
-        from mmengine.hub import get_config  # package configs: mmseg::..., mmpose::...
-        cfg = get_config(str(config))
-    else:
-        cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f'{config}: default_scope must be one of {SCOPES}, got {scope!r}')
-    return cfg
 
 
 def set_work_dir(cfg: Config, config: str, work_dir: Optional[str]) -> None:

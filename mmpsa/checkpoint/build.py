@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import torch
 from mmengine.config import Config
 
+from ..utils.paths import PACKAGE_PREFIX, config_path
 from .door import read_checkpoint
 from .match import check_psa_match, keep_missing_psa
 
@@ -20,10 +21,31 @@ ConfigLike = Union[str, Path, Config]
 
 
 def load_config(config: ConfigLike, cfg_options: Optional[dict] = None) -> Config:
-    """A config from a path, a package config (``mmpsa::``, ``mmseg::``) or a ``Config`` (copied),
-    with ``cfg_options`` merged; its ``default_scope`` must be in :data:`SCOPES`."""
-    from ..apis.runner import load_config as _load
-    return _load(config, cfg_options)
+    """Load a config and merge ``--cfg-options`` into it.
+
+    Args:
+        config: A path, a package config (``'mmseg::hrnet/fcn_hr48_...py'``,
+            ``'mmpsa::mmseg/tiny/...py'``), or a ``Config`` (copied).
+        cfg_options: ``key=value`` overrides (mmengine's ``DictAction`` result).
+
+    Returns:
+        The config; its ``default_scope`` is one of :data:`SCOPES`.
+    """
+    if isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    elif str(config).startswith(PACKAGE_PREFIX):
+        cfg = Config.fromfile(str(config_path(config)))
+    elif '::' in str(config):
+        from mmengine.hub import get_config  # package configs: mmseg::..., mmpose::...
+        cfg = get_config(str(config))
+    else:
+        cfg = Config.fromfile(str(config))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(f'{config}: default_scope must be one of {SCOPES}, got {scope!r}')
+    return cfg
 
 
 def scope_of(config: ConfigLike) -> str:

@@ -346,5 +346,5 @@ def check_config_dataset(config: Any,
     Returns:
         The report.
     """
-    from ..apis.runner import load_config
+    from ..checkpoint.build import load_config
     return check_dataset(load_config(config), split, full=full, progress=progress)

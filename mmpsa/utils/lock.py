@@ -5,7 +5,7 @@ sorted), ``#`` comments on top saying which ``TORCH_SPEC`` and Python it is for 
 made; ``mmpsa`` itself is never in it. ``tools/setup_env.sh`` installs every step under it as
 pip constraints (``PIP_CONSTRAINT``; mmcv, installed from the wheel ``tools/build_mmcv.py``
 builds, is checked but not a pip constraint), then checks the venv against it. The hash of a
-lock is :func:`~mmpsa.utils.run_record.packages_hash` of its lines, so a venv that matches its
+lock is :func:`packages_hash` of its lines, so a venv that matches its
 lock records the lock's hash in every run (the demo's "lock <hash>").
 
     python -m mmpsa.utils.lock write requirements/lock/torch2.14.txt --for 'TORCH_SPEC=...'
@@ -13,9 +13,11 @@ lock records the lock's hash in every run (the demo's "lock <hash>").
     python -m mmpsa.utils.lock constraints requirements/lock/torch2.14.txt OUT
 """
 import argparse
+import hashlib
 import platform
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -28,6 +30,24 @@ NOT_CONSTRAINED = ('mmcv', )
 def normalise(name: str) -> str:
     """A distribution name as PEP 503 compares them."""
     return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def installed_packages() -> List[str]:
+    """``name==version`` of every distribution importable here but mmpsa itself, sorted
+    (``pip freeze``'s set, names normalised; a package found twice counts once)."""
+    seen = {}
+    for dist in metadata.distributions():
+        name = normalise(dist.metadata.get('Name') or '')
+        if name and name not in seen and name not in NOT_LOCKED:
+            seen[name] = dist.version
+    return [f'{name}=={version}' for name, version in sorted(seen.items())]
+
+
+def packages_hash(packages: Optional[List[str]] = None) -> str:
+    """The first 16 hex digits of the sha256 of ``name==version`` lines (sorted; default:
+    :func:`installed_packages`)."""
+    packages = installed_packages() if packages is None else packages
+    return hashlib.sha256('\n'.join(sorted(packages)).encode()).hexdigest()[:16]
 
 
 def read_lock(path: str) -> List[str]:
@@ -46,7 +66,6 @@ def read_lock(path: str) -> List[str]:
 
 def lock_hash(path: str) -> str:
     """The hash of a lock: that of the package set it pins."""
-    from .run_record import packages_hash
     return packages_hash(read_lock(path))
 
 
@@ -56,7 +75,6 @@ def differences(path: str, installed: Optional[List[str]] = None) -> Dict[str, L
     Returns:
         ``{'missing': [...], 'other_version': ['name: installed X, lock Y'], 'extra': [...]}``.
     """
-    from .run_record import installed_packages
     have = dict(p.split('==', 1) for p in (installed or installed_packages()))
     want = dict(p.split('==', 1) for p in read_lock(path))
     return {
@@ -72,7 +90,6 @@ def differences(path: str, installed: Optional[List[str]] = None) -> Dict[str, L
 
 def write_lock(path: str, made_for: str) -> Tuple[Path, str]:
     """Write the installed set as a lock; return its path and hash."""
-    from .run_record import installed_packages, packages_hash
     pins = sorted(installed_packages())
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

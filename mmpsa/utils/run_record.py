@@ -11,7 +11,6 @@ the installed package set. ``tools/reproduce.py`` adds the hook to every run it 
 of ``default_hooks``, which mmengine merges into its defaults: no config's ``custom_hooks`` is
 replaced); any config can list it the same way.
 """
-import hashlib
 import json
 import os
 import platform
@@ -24,6 +23,8 @@ from typing import Any, Dict, List, Optional
 
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+
+from .lock import installed_packages, packages_hash  # noqa: F401  (re-exported)
 
 #: The record's file name, in each session's log dir.
 RECORD_FILE = 'run_record.json'
@@ -41,25 +42,6 @@ def _version(dist: str) -> Optional[str]:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def installed_packages() -> List[str]:
-    """``name==version`` of every distribution importable here but mmpsa itself, sorted
-    (``pip freeze``'s set, names normalised; a package found twice counts once)."""
-    from .lock import NOT_LOCKED, normalise
-    seen = {}
-    for dist in metadata.distributions():
-        name = normalise(dist.metadata.get('Name') or '')
-        if name and name not in seen and name not in NOT_LOCKED:
-            seen[name] = dist.version
-    return [f'{name}=={version}' for name, version in sorted(seen.items())]
-
-
-def packages_hash(packages: Optional[List[str]] = None) -> str:
-    """The first 16 hex digits of the sha256 of ``name==version`` lines (sorted; default:
-    :func:`installed_packages`)."""
-    packages = installed_packages() if packages is None else packages
-    return hashlib.sha256('\n'.join(sorted(packages)).encode()).hexdigest()[:16]
 
 
 def git_commit(folder: Optional[Path] = None) -> str:
