@@ -1,5 +1,7 @@
 """Fixtures shared by the tool, engine and backbone tests."""
 import importlib.util
+import os
+from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterator, List
@@ -79,3 +81,31 @@ def psa_input_channels() -> Callable[[torch.nn.Module], List[int]]:
         return out
 
     return channels
+
+
+class RunsCode:
+    """A pickle payload that creates ``marker`` (through ``os.system``) when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}', ))
+
+
+@pytest.fixture(scope='session')
+def save_payload() -> Callable[[Path, Path], Path]:
+    """``save_payload(path, marker)`` writes a checkpoint-looking file (a state_dict, a meta)
+    whose pickle runs ``touch marker``; returns ``path``. The door's tests feed it to every
+    entry point and check that ``marker`` never appears."""
+
+    def save(path: Path, marker: Path) -> Path:
+        torch.save({
+            'state_dict': OrderedDict(w=torch.ones(1)),
+            'meta': {
+                'x': RunsCode(marker)
+            }
+        }, path)
+        return path
+
+    return save

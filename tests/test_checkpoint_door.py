@@ -4,7 +4,6 @@ without it), local or served over http; mmengine's loaders go through the door i
 ``checkpoint_door()``; keys and shapes are checked even when a PSA record is present."""
 import functools
 import http.server
-import os
 import pickle
 import threading
 from collections import OrderedDict
@@ -23,22 +22,6 @@ from mmpsa.checkpoint import (CheckpointMismatchError, CheckpointReadError,
                               fetch_checkpoint, keep_missing_psa, load_into_model, psa_record,
                               read_checkpoint)
 from mmpsa.layers import PolarizedSelfAttention
-
-
-class RunsCode:
-    """A pickle payload that creates ``marker`` (through ``os.system``) when unpickled."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}', ))
-
-
-def save_payload(path: Path, marker: Path) -> Path:
-    """A checkpoint-looking file whose pickle runs ``touch marker``."""
-    torch.save({'state_dict': OrderedDict(w=torch.ones(1)), 'meta': {'x': RunsCode(marker)}}, path)
-    return path
 
 
 @pytest.fixture(params=['torch-default', 'old-torch'])
@@ -90,7 +73,7 @@ def test_the_simulated_old_torch_takes_the_restricted_unpickler(tmp_path, monkey
     assert calls[-1]['pickle_module'] is mmpsa.checkpoint.RESTRICTED_PICKLE
 
 
-def test_payload_runs_without_the_door(tmp_path, monkeypatch):
+def test_payload_runs_without_the_door(tmp_path, monkeypatch, save_payload):
     """The payload is real: torch's default (old torch) runs it."""
     monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     marker = tmp_path / 'ran'
@@ -104,7 +87,7 @@ def _assert_refused(err, name: str, marker: Path) -> None:
     assert not marker.exists(), 'the payload ran'
 
 
-def test_payload_refused_by_read_checkpoint(tmp_path, branch):
+def test_payload_refused_by_read_checkpoint(tmp_path, branch, save_payload):
     marker = tmp_path / 'ran'
     path = save_payload(tmp_path / 'evil.pth', marker)
     with pytest.raises(UnsafeCheckpointReadError) as err:
@@ -112,7 +95,7 @@ def test_payload_refused_by_read_checkpoint(tmp_path, branch):
     _assert_refused(err, str(path), marker)
 
 
-def test_payload_refused_over_http(tmp_path, branch, served):
+def test_payload_refused_over_http(tmp_path, branch, served, save_payload):
     www, base = served
     marker = tmp_path / 'ran'
     save_payload(www / 'evil.pth', marker)
@@ -127,7 +110,8 @@ def test_payload_refused_over_http(tmp_path, branch, served):
 
 @pytest.mark.parametrize('api', ['CheckpointLoader', 'load_checkpoint', '_load_checkpoint'])
 @pytest.mark.parametrize('where', ['local', 'http'])
-def test_mmengine_loaders_go_through_the_door_inside_it(tmp_path, branch, served, api, where):
+def test_mmengine_loaders_go_through_the_door_inside_it(tmp_path, branch, served, api, where,
+                                                        save_payload):
     from mmengine.runner import checkpoint as mm
     www, base = served
     marker = tmp_path / 'ran'
@@ -143,7 +127,8 @@ def test_mmengine_loaders_go_through_the_door_inside_it(tmp_path, branch, served
     _assert_refused(err, name, marker)
 
 
-def test_open_mmlab_names_resolve_through_the_door(tmp_path, branch, served, monkeypatch):
+def test_open_mmlab_names_resolve_through_the_door(tmp_path, branch, served, monkeypatch,
+                                                   save_payload):
     """``pretrained='open-mmlab://...'`` (every shipped Cityscapes config's HRNet): the
     name's URL is fetched and read by the door."""
     from mmengine.runner import checkpoint as mm
@@ -205,7 +190,7 @@ def test_mmengine_checkpoint_loads_on_both_branches(tmp_path, branch):
 
 
 @pytest.mark.parametrize('old_torch', [False, True])
-def test_forced_weights_only_variable(tmp_path, monkeypatch, old_torch):
+def test_forced_weights_only_variable(tmp_path, monkeypatch, old_torch, save_payload):
     """A user's TORCH_FORCE_WEIGHTS_ONLY_LOAD=1: nothing changes where torch has
     add_safe_globals; on an older torch (which then refuses a pickle_module) the door loads
     with torch's own weights-only set: plain state dicts load, payloads are refused, and
@@ -325,7 +310,7 @@ def test_evaluation_warns_on_unexpected_keys_and_refuses_missing_ones(capsys):
         check_psa_match(saved, _Net(), 'x.pth', 'export')
 
 
-def test_load_into_model_checks_and_loads(tmp_path, branch):
+def test_load_into_model_checks_and_loads(tmp_path, branch, save_payload):
     path = tmp_path / 'c19.pth'
     torch.save(_ckpt(_Net(19)), path)
     with pytest.raises(CheckpointMismatchError, match='c19.pth'):

@@ -13,11 +13,9 @@ torch's default everywhere, so any read that bypassed the door would run the pay
 """
 import functools
 import http.server
-import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 import torch
@@ -48,22 +46,6 @@ test_dataloader = dict(dataset=dict(metainfo=dict(classes={FIVE!r})))
 '''
 
 pytestmark = pytest.mark.usefixtures('cpu_without_yapf')
-
-
-class RunsCode:
-    """A pickle payload that creates ``marker`` (through ``os.system``) when unpickled."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}', ))
-
-
-def save_payload(path: Path, marker: Path) -> Path:
-    """A checkpoint-looking file (a state_dict, a meta) whose pickle runs ``touch marker``."""
-    torch.save({'state_dict': OrderedDict(w=torch.ones(1)), 'meta': {'x': RunsCode(marker)}}, path)
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -128,7 +110,7 @@ def branch(request, monkeypatch) -> str:
     return request.param
 
 
-def _payload(world: Dict, tmp_path: Path, name: str, where: str) -> tuple:
+def _payload(world: Dict, tmp_path: Path, name: str, where: str, save_payload: Callable) -> tuple:
     """A payload checkpoint, local or served: (its name for the tool, the marker)."""
     marker = tmp_path / 'payload_ran'
     if where == 'local':
@@ -147,16 +129,16 @@ def _refused(exit_info, name: str, marker: Path) -> str:
 
 
 @pytest.mark.parametrize('where', ['local', 'http'])
-def test_payload_through_tools_test(world, tmp_path, load_tool, branch, where):
-    name, marker = _payload(world, tmp_path, f'test_{where}_{branch}.pth', where)
+def test_payload_through_tools_test(world, tmp_path, load_tool, branch, where, save_payload):
+    name, marker = _payload(world, tmp_path, f'test_{where}_{branch}.pth', where, save_payload)
     with pytest.raises(SystemExit) as exit_info:
         load_tool('test').main([world['base'], name, '--work-dir', str(tmp_path / 'w')])
     _refused(exit_info, name, marker)
 
 
 @pytest.mark.parametrize('where', ['local', 'http'])
-def test_payload_through_the_converter(world, tmp_path, load_tool, branch, where):
-    name, marker = _payload(world, tmp_path, f'released_{where}_{branch}.pth', where)
+def test_payload_through_the_converter(world, tmp_path, load_tool, branch, where, save_payload):
+    name, marker = _payload(world, tmp_path, f'released_{where}_{branch}.pth', where, save_payload)
     dst = tmp_path / 'converted.pth'
     with pytest.raises(SystemExit) as exit_info:
         load_tool('model_converters/psa_official_to_mmseg').main([name, str(dst)])
@@ -165,9 +147,9 @@ def test_payload_through_the_converter(world, tmp_path, load_tool, branch, where
 
 
 @pytest.mark.parametrize('how', ['resume', 'load_from'])
-def test_payload_through_tools_train(world, tmp_path, load_tool, branch, how):
+def test_payload_through_tools_train(world, tmp_path, load_tool, branch, how, save_payload):
     where = 'local' if how == 'resume' else 'http'
-    name, marker = _payload(world, tmp_path, f'{how}_{branch}.pth', where)
+    name, marker = _payload(world, tmp_path, f'{how}_{branch}.pth', where, save_payload)
     chosen = ['--resume', name] if how == 'resume' else []
     options = [f'load_from={name}'] if how == 'load_from' else []
     with pytest.raises(SystemExit) as exit_info:
@@ -178,10 +160,10 @@ def test_payload_through_tools_train(world, tmp_path, load_tool, branch, how):
     assert not list((tmp_path / 'w').glob('iter_*.pth'))  # it did not train
 
 
-def test_payload_behind_a_pretrained_url(world, tmp_path, load_tool, branch):
+def test_payload_behind_a_pretrained_url(world, tmp_path, load_tool, branch, save_payload):
     """mmseg's ``pretrained=`` (the backbone's ``init_cfg=dict(type='Pretrained')``), as
     every shipped Cityscapes config inherits it, read by mmengine's http scheme."""
-    name, marker = _payload(world, tmp_path, f'hrnet_{branch}.pth', 'http')
+    name, marker = _payload(world, tmp_path, f'hrnet_{branch}.pth', 'http', save_payload)
     with pytest.raises(SystemExit) as exit_info:
         load_tool('train').main([
             world['base'], '--work-dir',
