@@ -177,3 +177,14 @@ def dim_auto() -> Any:
     """``torch.export.Dim.AUTO`` (torch >= 2.5)."""
     require_dynamo_onnx_export()
     return torch.export.Dim.AUTO
+
+
+def triton_version() -> Optional[tuple]:
+    """The installed triton's ``(major, minor)``, or None when it is not importable (the
+    Triton path's gate, :data:`mmpsa.layers.dispatch.MIN_TRITON`, compares with it)."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    major, minor = triton.__version__.split('+')[0].split('.')[:2]
+    return int(major), int(minor)

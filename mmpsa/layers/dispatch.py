@@ -24,7 +24,7 @@ import os
 import os.path as osp
 import threading
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List
 
 import torch
 
@@ -155,20 +155,10 @@ def selected_backend() -> str:
 _TRITON: list = []  # [module or None, reason] once looked up
 
 
-def triton_version() -> Optional[Tuple[int, int]]:
-    """The installed triton's ``(major, minor)``, or None when it is not importable."""
-    try:
-        import triton
-    except ImportError:
-        return None
-    major, minor = triton.__version__.split('+')[0].split('.')[:2]
-    return int(major), int(minor)
-
-
 def triton_status():
     """``(psa_triton module or None, why not)``, looked up once."""
     if not _TRITON:
-        version = triton_version()
+        version = compat.triton_version()
         need = '.'.join(map(str, MIN_TRITON))
         if version is None:
             _TRITON.extend([None, 'triton is not importable'])

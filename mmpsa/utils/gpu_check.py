@@ -141,6 +141,7 @@ def preflight(device: str) -> int:
     rc = 0
     _out(f'- python {platform.python_version()}, torch {torch.__version__}')
     try:
+        from mmpsa import compat
         from mmpsa.layers import PolarizedSelfAttention, dispatch  # noqa: F401
         _out('- mmpsa.layers: imported')
     except Exception as e:  # noqa: BLE001  (say what broke, whatever it is)
@@ -157,7 +158,7 @@ def preflight(device: str) -> int:
             rc = 1
     else:
         _out(f'- device: {device} (CUDA {"visible" if torch.cuda.is_available() else "not used"})')
-    version = dispatch.triton_version()
+    version = compat.triton_version()
     need = '.'.join(map(str, dispatch.MIN_TRITON))
     if version is None:
         _out(f'- triton: not importable (the Triton path needs triton >= {need})')

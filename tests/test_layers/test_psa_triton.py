@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from mmpsa import compat
 from mmpsa.layers import PolarizedSelfAttention, backend, dispatch
 
 C = 32  # official sequential: LayerNorm over C // 8 = 4 channels
@@ -120,7 +121,7 @@ def test_auto_picks_triton_for_cuda_tensors_mocked(monkeypatch):
 
 def test_old_triton_is_gated(monkeypatch):
     monkeypatch.setattr(dispatch, '_TRITON', [])
-    monkeypatch.setattr(dispatch, 'triton_version', lambda: (2, 1))
+    monkeypatch.setattr(compat, 'triton_version', lambda: (2, 1))
     with pytest.warns(UserWarning, match=r'need triton >= 3\.0, this is triton 2\.1'):
         assert dispatch.triton_module() is None
     with backend('triton'), pytest.raises(RuntimeError, match=r'triton >= 3\.0'):

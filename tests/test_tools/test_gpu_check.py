@@ -26,10 +26,11 @@ def _rows(text: str, first: str) -> list:
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
     pytest.importorskip('triton', reason='triton is not importable (CPU-only torch wheels)')
+    from mmpsa import compat
     from mmpsa.layers import dispatch
-    if dispatch.triton_version() < dispatch.MIN_TRITON:  # the check runs the Triton path
+    if compat.triton_version() < dispatch.MIN_TRITON:  # the check runs the Triton path
         pytest.skip(f'needs triton >= {".".join(map(str, dispatch.MIN_TRITON))}, this is triton '
-                    f'{".".join(map(str, dispatch.triton_version()))} (torch {torch.__version__})')
+                    f'{".".join(map(str, compat.triton_version()))} (torch {torch.__version__})')
     tmp = tmp_path_factory.mktemp('gpu_check')
     site = tmp / 'site'
     site.mkdir()
