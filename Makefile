@@ -1,5 +1,5 @@
 # The two commands: `make demo` (the main job) and `make test` (linters, then the test suite).
-# Both create/update the project virtualenv first (tools/setup_env.sh, idempotent).
+# Both create/update the project virtualenv first (tools/dev/setup_env.sh, idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo lint test bench clean
 
 setup:
-	@VENV=$(VENV) bash tools/setup_env.sh
+	@VENV=$(VENV) bash tools/dev/setup_env.sh
 
 # ends by comparing the fresh numbers with the README's (configs/tables/results/tiny.json)
 demo: setup
@@ -21,7 +21,7 @@ test: lint
 	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) tools/benchmark_psa.py
+	$(PY) tools/analysis_tools/benchmark_psa.py
 
 clean:
 	rm -rf $(VENV) outputs work_dirs

@@ -10,9 +10,9 @@ import yaml
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
+from mmpsa.analysis import model_index
+from mmpsa.analysis.model_index import COLLECTIONS, paper_results, update_models
 from mmpsa.apis.complexity import measure, strip_psa
-from mmpsa.utils import model_index
-from mmpsa.utils.model_index import COLLECTIONS, paper_results, update_models
 
 REPO = Path(__file__).resolve().parents[1]
 

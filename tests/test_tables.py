@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmpsa.utils.model_index import paper_results
-from mmpsa.utils.reproduce import (RELEASED, TRAINED, compare_results, load_table, paper_cell,
-                                   readme_block, readme_results, results_file)
+from mmpsa.analysis.model_index import paper_results
+from mmpsa.analysis.reproduce import (RELEASED, TRAINED, compare_results, load_table, paper_cell,
+                                      readme_block, readme_results, results_file)
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_STATED = 'split not stated by the source'

@@ -22,7 +22,7 @@ from typing import List, Optional
 # deprecation note would repeat between the progress lines
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-from mmpsa.utils import reproduce as lib  # noqa: E402
+from mmpsa.analysis import reproduce as lib  # noqa: E402
 
 
 def _released(text: str) -> tuple:

@@ -4,7 +4,7 @@
                                  [--cfg-options KEY=VALUE ...] [--launcher LAUNCHER]
                                  [--no-data-check]
 
-Before training, the train split gets the cheap part of tools/check_dataset.py (listing,
+Before training, the train split gets the cheap part of tools/misc/check_dataset.py (listing,
 counts, annotation file, first sample): bad data stops it with a message naming the file.
 
 Multi-GPU / multi-node: tools/dist_train.sh; slurm: tools/slurm_train.sh.

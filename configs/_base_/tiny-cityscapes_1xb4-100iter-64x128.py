@@ -1,4 +1,4 @@
-# The built-in tiny Cityscapes-format data (python tools/make_tiny_cityscapes.py
+# The built-in tiny Cityscapes-format data (python tools/misc/make_tiny_cityscapes.py
 # data/tiny_cityscapes) at 64x128 crops and a 100-iteration CPU schedule (AdamW, poly LR), shared
 # by the tiny mmseg configs: list it beside a stock mmseg *model* base
 # (`mmseg::_base_/models/...`), which holds no data or schedule keys. Plain BN belongs to the

@@ -1,7 +1,7 @@
 # The tiny table: what `make demo` runs (python tools/reproduce.py tiny). Synthetic tiny
 # Cityscapes- and COCO-format data, generated under WORK_DIR/data; every model trains on a CPU
 # in seconds. It says how these models do on that data, nothing about Cityscapes or COCO.
-# Rows: see mmpsa/utils/reproduce.py. Paths are relative to mmpsa's configs/ folder.
+# Rows: see mmpsa/analysis/reproduce.py. Paths are relative to mmpsa's configs/ folder.
 title = 'Tiny synthetic data, CPU (the demo)'
 task = 'Demo'
 dataset = 'tiny synthetic data'

@@ -18,7 +18,7 @@ inside a wrapper such as ``RepeatDataset``, ``ConcatDataset``, ``ClassBalancedDa
   visibility flags other than 0/1/2, labelled keypoints far outside their image (more than
   :data:`KEYPOINT_MARGIN` of its size), annotations of unknown images.
 
-``tools/check_dataset.py`` is its command line; ``tools/train.py`` runs the cheap part
+``tools/misc/check_dataset.py`` is its command line; ``tools/train.py`` runs the cheap part
 (``full=False``: the listing, the counts, the annotation file, the first sample) first.
 """
 import copy
@@ -91,7 +91,7 @@ class DatasetReport:
         """Raise :class:`DatasetCheckError` with the summary if anything is wrong."""
         if not self.ok:
             raise DatasetCheckError(
-                'dataset check failed (python tools/check_dataset.py CONFIG --split '
+                'dataset check failed (python tools/misc/check_dataset.py CONFIG --split '
                 f'{self.split} lists every problem):\n{self.summary()}')
 
 
@@ -335,7 +335,7 @@ def check_config_dataset(config: Any,
                          split: str = 'train',
                          full: bool = True,
                          progress: bool = False) -> DatasetReport:
-    """:func:`check_dataset` of a config file (or ``Config``), as ``tools/check_dataset.py``.
+    """:func:`check_dataset` of a config file (or ``Config``), as ``tools/misc/check_dataset.py``.
 
     Args:
         config: A config path or ``Config``.

@@ -73,8 +73,8 @@ def compile_parity(config: Union[str, Path],
     """The losses of a tiny config trained eager and under torch.compile, same seed.
 
     Args:
-        config: A tiny mmpsa config (``mmpsa/utils/tiny.py``).
-        data_root: Its generated data (:func:`mmpsa.utils.tiny.make_tiny_data`).
+        config: A tiny mmpsa config (``mmpsa/datasets/tiny.py``).
+        data_root: Its generated data (:func:`mmpsa.datasets.tiny.make_tiny_data`).
         work_dir: Where the two runs write (``eager/``, ``compiled/``).
         iters: Training iterations.
         backend: The torch.compile backend (``'inductor'``: minutes on a CPU).
@@ -83,7 +83,7 @@ def compile_parity(config: Union[str, Path],
     Returns:
         ``(eager losses, compiled losses)``.
     """
-    from mmpsa.utils.tiny import tiny_config
+    from mmpsa.datasets.tiny import tiny_config
     runs = []
     for name, compile_cfg in (('eager', None), ('compiled', dict(backend=backend))):
         cfg = tiny_config(config, data_root, Path(work_dir) / name, cfg_options)

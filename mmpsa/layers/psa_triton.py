@@ -65,7 +65,7 @@ Tensor = torch.Tensor
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 #: The most elements of a ``(BLOCK_C, BLOCK_N)`` tile: compiled for sm_90, every kernel keeps
-#: its tiles in registers without spilling up to this size (``tools/triton_compile_check.py``).
+#: its tiles in registers without spilling up to this size (``tools/dev/triton_compile_check.py``).
 MAX_TILE = 2048
 #: The most channels a block may have here: a tile holds every channel of its pixels.
 MAX_CHANNELS = MAX_TILE

@@ -1,8 +1,8 @@
-"""The project's own helpers, not the user's API (that is :mod:`mmpsa.apis`).
+"""The basement: helpers every room may import, which import no other mmpsa room.
 
-As in ``mmdet.utils`` (which holds its benchmarks) and ``mmseg.utils``: the config root
-(:mod:`.paths`), the library side of the maintenance tools in ``tools/`` -- block and backbone
-benchmarks (:mod:`.benchmark`, :mod:`.benchmark_backbone`), ``model-index.yml`` generation
-(:mod:`.model_index`), the reproduction tables and the demo (:mod:`.reproduce`) and the tiny
-data (:mod:`.tiny`).
+Where mmpsa's configs are (:mod:`.paths`, :mod:`.package_configs`: the ``mmpsa::`` base
+resolution), the lock of the installed packages (:mod:`.lock`) and the record a job writes of
+what ran (:mod:`.run_record`). The programs built on the rooms above (reproduction tables,
+model index, benchmarks, the GPU check) live in :mod:`mmpsa.analysis`; the user's API in
+:mod:`mmpsa.apis`.
 """

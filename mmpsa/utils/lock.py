@@ -2,8 +2,8 @@
 
 A lock file is pip's requirements format, one ``name==version`` per line (names normalised,
 sorted), ``#`` comments on top saying which ``TORCH_SPEC`` and Python it is for and how it was
-made; ``mmpsa`` itself is never in it. ``tools/setup_env.sh`` installs every step under it as
-pip constraints (``PIP_CONSTRAINT``; mmcv, installed from the wheel ``tools/build_mmcv.py``
+made; ``mmpsa`` itself is never in it. ``tools/dev/setup_env.sh`` installs every step under it as
+pip constraints (``PIP_CONSTRAINT``; mmcv, installed from the wheel ``tools/dev/build_mmcv.py``
 builds, is checked but not a pip constraint), then checks the venv against it. The hash of a
 lock is :func:`packages_hash` of its lines, so a venv that matches its
 lock records the lock's hash in every run (the demo's "lock <hash>").
@@ -94,7 +94,7 @@ def write_lock(path: str, made_for: str) -> Tuple[Path, str]:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        f'# Every package tools/setup_env.sh installs for {made_for}, Python '
+        f'# Every package tools/dev/setup_env.sh installs for {made_for}, Python '
         f'{platform.python_version()} ({platform.machine()}), pinned.\n'
         '# Written from the set-up venv by `python -m mmpsa.utils.lock write`; the set-up\n'
         '# installs under it (pip constraints; mmcv from its built wheel) and checks the venv.\n'

@@ -111,7 +111,7 @@ def test_cli_writes_the_data_set(tmp_path, monkeypatch, capsys):
         'make_tiny_cityscapes.py',
         str(out), '--num-train', '2', '--num-val', '1', '--height', '64', '--width', '128'
     ])
-    runpy.run_path(str(REPO / 'tools' / 'make_tiny_cityscapes.py'), run_name='__main__')
+    runpy.run_path(str(REPO / 'tools' / 'misc' / 'make_tiny_cityscapes.py'), run_name='__main__')
     assert len(list((out / 'leftImg8bit' / 'train').rglob('*.png'))) == 2
     assert len(list((out / 'gtFine' / 'val').rglob('*_gtFine_labelTrainIds.png'))) == 1
     assert 'train: 2 frames' in capsys.readouterr().out

@@ -167,7 +167,7 @@ def test_cli(tmp_path, monkeypatch):
         sys, 'argv',
         ['make_tiny_coco.py',
          str(out), '--num-train', '2', '--num-val', '1', '--seed', '3'])
-    runpy.run_path(str(REPO / 'tools' / 'make_tiny_coco.py'), run_name='__main__')
+    runpy.run_path(str(REPO / 'tools' / 'misc' / 'make_tiny_coco.py'), run_name='__main__')
     coco = _load(out / 'annotations' / 'person_keypoints_val2017.json')
     assert len(coco['images']) == 1 and coco['annotations']
 

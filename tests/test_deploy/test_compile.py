@@ -2,7 +2,7 @@
 
 The block compiles to one dynamo graph (it runs plain ops while compiling); a tiny
 PSA-HRNet seg config trains under mmengine's ``compile`` key (``aot_eager``: the inductor
-run takes minutes on a CPU, see ``tools/deploy/check_compile.py``) with the eager losses;
+run takes minutes on a CPU, see ``tools/deployment/check_compile.py``) with the eager losses;
 a traced tiny PSA-HRNet pose model gives the eager heatmaps from ordinary ATen ops.
 """
 import numpy as np
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mmpsa.datasets.cityscapes_tiny import make_tiny_cityscapes
+from mmpsa.datasets.tiny import TINY_POSE, TINY_SEG
 from mmpsa.deploy.compile import compile_parity, dynamo_graphs
 from mmpsa.deploy.onnx import load_model
 from mmpsa.layers import PolarizedSelfAttention
-from mmpsa.utils.tiny import TINY_POSE, TINY_SEG
 
 
 @pytest.mark.parametrize('mode', ['parallel', 'sequential'])

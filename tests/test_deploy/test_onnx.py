@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mmpsa import compat
+from mmpsa.datasets.tiny import TINY_POSE, TINY_SEG
 from mmpsa.deploy import rewriters
 from mmpsa.deploy.onnx import TOLERANCE, DeployError, export_config, export_module
 from mmpsa.layers import PolarizedSelfAttention
-from mmpsa.utils.tiny import TINY_POSE, TINY_SEG
 
 # the deploy extra (requirements/deploy.txt; the set-up installs it)
 pytest.importorskip('onnxruntime')
@@ -179,7 +179,7 @@ def test_user_config_exports_with_the_tool(tmp_path, load_tool, capsys):
         "custom_imports = dict(imports=['mmpsa'], allow_failed_imports=False)\n"
         "model = dict(backbone=dict(type='PSAResNetV1c', psa=dict(mode='parallel')))\n")
     out = tmp_path / 'user.onnx'
-    tool = load_tool('deploy/export_onnx')
+    tool = load_tool('deployment/export_onnx')
     assert tool.main([str(config), '--out', str(out), '--shape', '64', '64']) == 0
     assert out.is_file()
     assert f'OK {out}: onnxruntime equals eager' in capsys.readouterr().out
@@ -188,7 +188,7 @@ def test_user_config_exports_with_the_tool(tmp_path, load_tool, capsys):
 def test_tool_fails_clearly_on_a_config_it_cannot_export(tmp_path, load_tool, capsys):
     config = tmp_path / 'det.py'
     config.write_text("default_scope = 'mmdet'\nmodel = dict(type='RetinaNet')\n")
-    tool = load_tool('deploy/export_onnx')
+    tool = load_tool('deployment/export_onnx')
     assert tool.main([str(config), '--out', str(tmp_path / 'x.onnx'), '--shape', '64', '64']) == 1
     assert "default_scope must be one of ('mmseg', 'mmpose'), got 'mmdet'" in capsys.readouterr(
     ).err

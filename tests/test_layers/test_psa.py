@@ -789,7 +789,7 @@ def test_mmseg_resnet50_plugin():
 # ------------------------------------------------------------- memory
 @pytest.mark.parametrize('variant,mode', ALL)
 def test_fused_keeps_only_small_tensors_for_backward(variant, mode):
-    from mmpsa.utils.benchmark import saved_activation_bytes
+    from mmpsa.analysis.benchmark import saved_activation_bytes
     fused, literal = pair(variant, mode)
     b, c, h, w = 2, C, 16, 12
     x = torch.randn(b, c, h, w, requires_grad=True)
@@ -800,7 +800,7 @@ def test_fused_keeps_only_small_tensors_for_backward(variant, mode):
 
 
 def test_benchmark_table_smoke():
-    from mmpsa.utils.benchmark import bench_shape, format_table
+    from mmpsa.analysis.benchmark import bench_shape, format_table
     r = bench_shape('paper', 'parallel', (8, 4, 4), reps=1)
     assert r['fused_s'] > 0 and r['literal_s'] > 0
     assert r['literal_saved'] > r['fused_saved'] > 0

@@ -67,7 +67,7 @@ def torch_one_thread():
 
 @pytest.fixture(scope='session')
 def tiny_coco(tmp_path_factory) -> Path:
-    """The default tiny COCO set (as ``tools/make_tiny_coco.py`` writes it)."""
+    """The default tiny COCO set (as ``tools/misc/make_tiny_coco.py`` writes it)."""
     from mmpsa.datasets.coco_tiny import make_tiny_coco
     root = tmp_path_factory.mktemp('tiny_coco')
     make_tiny_coco(str(root))

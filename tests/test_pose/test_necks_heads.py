@@ -143,7 +143,7 @@ def test_head_survives_deepcopy():
 
 
 def _tiny_estimator_cfg() -> dict:
-    from mmpsa.utils.tiny import TINY_POSE, tiny_config
+    from mmpsa.datasets.tiny import TINY_POSE, tiny_config
     return copy.deepcopy(tiny_config(TINY_POSE, '/nonexistent').model.to_dict())
 
 

@@ -225,7 +225,8 @@ def test_one_model_per_family_builds(name, expected_psa):
         assert 'backbone.layer1.0.psa' in blocks and 'decode_head.psa' in blocks
 
 
-# ---- the complexity tool (small inputs; the 512x1024 table comes from tools/complexity.py)
+# ---- the complexity tool (small inputs; the 512x1024 table comes from
+# tools/analysis_tools/complexity.py)
 
 
 def test_input_size_comes_from_the_config():
@@ -270,7 +271,7 @@ def test_complexity_tool_hrnet_and_deeplabv3plus(capsys, monkeypatch, tmp_path):
         ['complexity.py', str(TINY_HR),
          str(TINY_DL), '--json',
          str(records)])
-    runpy.run_path(str(REPO / 'tools' / 'complexity.py'), run_name='__main__')
+    runpy.run_path(str(REPO / 'tools' / 'analysis_tools' / 'complexity.py'), run_name='__main__')
     out = capsys.readouterr().out
     rows = json.loads(records.read_text())
     assert [r['config'] for r in rows] == [str(TINY_HR), str(TINY_DL)]

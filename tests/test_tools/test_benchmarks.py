@@ -1,4 +1,4 @@
-"""The benchmark library (mmpsa.utils.benchmark, .benchmark_backbone) and the GPU check's
+"""The benchmark library (mmpsa.analysis.benchmark, .benchmark_backbone) and the GPU check's
 helpers on CPU: the one train-step benchmark on its timm-free test network, hrnet-w48 without
 timm, parity's detail, the profiler split off CUDA, and the JIT-cache reader on both cache
 layouts of triton 3.x. No timings are asserted."""
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmpsa.utils import benchmark, benchmark_backbone, gpu_check
+from mmpsa.analysis import benchmark, benchmark_backbone, gpu_check
 
 
 def test_train_step_on_the_test_network_names_what_ran():

@@ -1,4 +1,4 @@
-"""tools/check_dataset.py finds, per file and annotation id, the bad data that the stock
+"""tools/misc/check_dataset.py finds, per file and annotation id, the bad data that the stock
 libraries either fail on without naming a file or train on silently (issue 19 §4); and
 tools/train.py stops on it before training."""
 import json
@@ -33,7 +33,7 @@ def _pose_cfg(tmp_path: Path, data_root: Path) -> str:
 
 
 def _run(load_tool, capsys, argv):
-    status = load_tool('check_dataset').main(argv)
+    status = load_tool('misc/check_dataset').main(argv)
     return status, capsys.readouterr().out
 
 

@@ -22,7 +22,7 @@ import torch
 
 import mmpsa.compat
 from mmpsa.checkpoint import read_checkpoint
-from mmpsa.utils.tiny import TINY_SEG
+from mmpsa.datasets.tiny import TINY_SEG
 
 FIVE = ('road', 'sidewalk', 'building', 'wall', 'fence')
 

@@ -1,4 +1,4 @@
-"""tools/gpu_check.sh in its CPU smoke mode (TRITON_INTERPRET=1, tiny shapes), as on a bare GPU
+"""tools/dev/gpu_check.sh in its CPU smoke mode (TRITON_INTERPRET=1, tiny shapes), as on a bare GPU
 machine: mmengine, mmcv, cv2, mmseg, mmpose and mmdet are blocked (a ``sitecustomize`` sets
 ``sys.modules[name] = None``, so importing any of them raises). Every section passes, the parity
 rows are within tolerance, and each row names the path that ran."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpsa.utils.gpu_check import OPENMMLAB, SECTIONS
+from mmpsa.analysis.gpu_check import OPENMMLAB, SECTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = {'fp32': 1e-5, 'bf16': 2e-2, 'fp64': 1e-10}
@@ -42,7 +42,7 @@ def smoke(tmp_path_factory):
     env.pop('MMPSA_BACKEND', None)
     out = tmp / 'out'
     proc = subprocess.run(
-        ['bash', str(REPO / 'tools' / 'gpu_check.sh'),
+        ['bash', str(REPO / 'tools' / 'dev' / 'gpu_check.sh'),
          str(out), '--smoke'],
         env=env,
         capture_output=True,

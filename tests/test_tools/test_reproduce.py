@@ -17,10 +17,10 @@ from typing import Dict, List, Tuple
 import pytest
 import yaml
 
+from mmpsa.analysis.model_index import COLLECTIONS
+from mmpsa.analysis.reproduce import (FINISHED, LAUNCHERS, NOT_STARTED, UNFINISHED, LaunchOptions,
+                                      gather, launch, load_table, publish)
 from mmpsa.utils import run_record
-from mmpsa.utils.model_index import COLLECTIONS
-from mmpsa.utils.reproduce import (FINISHED, LAUNCHERS, NOT_STARTED, UNFINISHED, LaunchOptions,
-                                   gather, launch, load_table, publish)
 
 REPO = Path(__file__).resolve().parents[2]
 OPTS = {

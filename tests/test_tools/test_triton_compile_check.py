@@ -1,4 +1,4 @@
-"""tools/triton_compile_check.py: the Triton kernels the runtime launches compile for an NVIDIA
+"""tools/dev/triton_compile_check.py: the Triton kernels the runtime launches compile for an NVIDIA
 GPU (sm_90) here, without one (triton's wheel ships ptxas), and keep their tiles in registers."""
 import os
 import re
@@ -17,7 +17,7 @@ def _run(*args: str, interpret: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     if interpret:
         env['TRITON_INTERPRET'] = '1'
-    return subprocess.run([sys.executable, 'tools/triton_compile_check.py', *args],
+    return subprocess.run([sys.executable, 'tools/dev/triton_compile_check.py', *args],
                           cwd=ROOT,
                           env=env,
                           capture_output=True,

@@ -1,4 +1,5 @@
-"""tools/visualize_attention.py: PNGs of a_sp over the image and a_ch strips, seg and pose."""
+"""tools/analysis_tools/visualize_attention.py: PNGs of a_sp over the image and a_ch strips,
+seg and pose."""
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from mmpsa.apis.attention import capture_attention, psa_blocks, select_blocks
-from mmpsa.utils.tiny import TINY_POSE, TINY_SEG, make_tiny_data, tiny_config
+from mmpsa.datasets.tiny import TINY_POSE, TINY_SEG, make_tiny_data, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,5 @@
-# A tiny stock top-down HRNet on the tiny synthetic COCO-keypoints set (tools/make_tiny_coco.py):
+# A tiny stock top-down HRNet on the tiny synthetic COCO-keypoints set
+# (tools/misc/make_tiny_coco.py):
 # mmpose's HRNet-W32 config shrunk for CPU tests and demos, and the stock twin of the tiny PSA
 # HRNet configs. Narrow HRNet (16/32/64/128, one block per branch), 96x64 input (mmpose's HRNet
 # needs sides divisible by 32), no pretrained weights, plain BN, ground-truth boxes for

@@ -1,5 +1,5 @@
 # A narrow DeepLabV3+ (ResNet-18 V1c D8 with 16 base channels) for the built-in tiny
-# Cityscapes-format data (python tools/make_tiny_cityscapes.py data/tiny_cityscapes): trains
+# Cityscapes-format data (python tools/misc/make_tiny_cityscapes.py data/tiny_cityscapes): trains
 # to a clearly non-trivial mIoU in seconds on a CPU. Plain BN, no pretrained weights, no
 # workers. Not a benchmark config: it exists for tests, smoke runs and the stock baseline of
 # psa-p_deeplabv3plus_r18-tiny-d8.

@@ -1,5 +1,5 @@
 # A narrow HRNet (HR18s-like: one block per branch, widths 8-64) + FCN head, for the built-in
-# tiny Cityscapes-format data (python tools/make_tiny_cityscapes.py data/tiny_cityscapes):
+# tiny Cityscapes-format data (python tools/misc/make_tiny_cityscapes.py data/tiny_cityscapes):
 # trains to a clearly non-trivial mIoU in seconds on a CPU. Plain BN, no pretrained weights,
 # no workers. Not a benchmark config: it exists for tests, smoke runs and the stock baseline
 # of psa-p_fcn_hr-tiny.

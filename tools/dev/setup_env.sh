@@ -3,7 +3,7 @@
 #
 # Idempotent: a stamp in the venv records a hash of everything that decides the
 # install (requirements/ with the lock, setup.py, mmpsa/csrc/, this script,
-# tools/build_mmcv.py); when it matches, this returns at once. mmcv's compiled wheel is reused
+# tools/dev/build_mmcv.py); when it matches, this returns at once. mmcv's compiled wheel is reused
 # from ${MMPSA_CACHE_DIR:-~/.cache/mmpsa}/wheels (built there once, ~10 min on 2 cores).
 #
 # Every package is installed under the lock (requirements/lock/torch<X.Y>.txt, pip
@@ -16,7 +16,7 @@
 #              LOCK (default requirements/lock/torch2.14.txt with the default TORCH_SPEC, else
 #              none), LOCK_WRITE (write the installed set as a lock there at the end).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 DEFAULT_TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
@@ -27,7 +27,7 @@ fi
 LOCK=${LOCK:-}
 LOCK_WRITE=${LOCK_WRITE:-}
 stamp="$VENV/.mmpsa-setup"
-want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/setup_env.sh tools/build_mmcv.py; echo "$TORCH_SPEC"; [ -z "$LOCK" ] || grep -v '^#' "$LOCK") | sha256sum | cut -c1-16)
+want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/dev/setup_env.sh tools/dev/build_mmcv.py; echo "$TORCH_SPEC"; [ -z "$LOCK" ] || grep -v '^#' "$LOCK") | sha256sum | cut -c1-16)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -54,8 +54,8 @@ step "torch + build tools ($TORCH_SPEC)"
 # shellcheck disable=SC2086
 pip_q 'pip>=24.1' $TORCH_SPEC 'numpy==1.26.4' ninja wheel 'setuptools>=77,<81'
 step "mmcv 2.1.0 with compiled ops (cached wheel, or a ~10 min build)"
-"$VENV/bin/python" tools/build_mmcv.py
-wheel=$("$VENV/bin/python" tools/build_mmcv.py --print-path)
+"$VENV/bin/python" tools/dev/build_mmcv.py
+wheel=$("$VENV/bin/python" tools/dev/build_mmcv.py --print-path)
 step "OpenMMLab stack (mmengine, mmcv, mmseg, mmdet, mmpose deps, mim, pytest)"
 pip_q "$wheel" -r requirements/env.txt
 step "mmpose 1.3.2 without its unbuildable chumpy requirement"

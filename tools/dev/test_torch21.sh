@@ -4,7 +4,7 @@
 #
 # Two virtualenvs must not share one source tree (an editable install builds mmpsa/_ext*.so in
 # place), so this runs in a clone of the checkout's HEAD (committed files only) under
-# outputs/torch2.1 (ignored), with its own venv, set up by tools/setup_env.sh under
+# outputs/torch2.1 (ignored), with its own venv, set up by tools/dev/setup_env.sh under
 # requirements/lock/torch2.1.txt. mmcv's wheel for torch 2.1.2 is cached under its own key
 # (~/.cache/mmpsa/wheels); the clone and its venv are reused (the set-up's stamp decides).
 #
@@ -14,7 +14,7 @@
 #
 # Environment: T21_DIR (default outputs/torch2.1), PYTEST_ARGS (default -q).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 DIR=${T21_DIR:-$ROOT/outputs/torch2.1}
 TORCH_SPEC="torch==2.1.2 torchvision==0.16.2"
@@ -32,7 +32,7 @@ else
 fi
 cd "$DIR"
 step "set-up ($TORCH_SPEC, lock requirements/lock/torch2.1.txt)"
-VENV=.venv-t21 TORCH_SPEC="$TORCH_SPEC" LOCK=requirements/lock/torch2.1.txt bash tools/setup_env.sh
+VENV=.venv-t21 TORCH_SPEC="$TORCH_SPEC" LOCK=requirements/lock/torch2.1.txt bash tools/dev/setup_env.sh
 step "compatibility subset"
 # shellcheck disable=SC2046,SC2086
 .venv-t21/bin/python -m pytest -p no:cacheprovider -n 2 --dist loadfile ${PYTEST_ARGS:--q} \

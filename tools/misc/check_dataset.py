@@ -1,6 +1,6 @@
 """Check the dataset a config names, per file and annotation id, before training on it.
 
-    python tools/check_dataset.py CONFIG [--split train|val|test] [--quick]
+    python tools/misc/check_dataset.py CONFIG [--split train|val|test] [--quick]
                                          [--cfg-options KEY=VALUE ...]
 
 Walks the split through mmseg's/mmpose's own dataset class and lists unreadable images,

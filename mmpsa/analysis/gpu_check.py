@@ -1,4 +1,4 @@
-"""The sections of ``tools/gpu_check.sh``: what a first run on a bare GPU machine must answer.
+"""The sections of ``tools/dev/gpu_check.sh``: what a first run on a bare GPU machine must answer.
 
 A bare GPU machine has python, torch, triton and timm, and none of mmengine, mmcv, cv2,
 mmseg, mmpose, mmdet: this module imports torch alone (mmpsa's layers and benchmarks
@@ -6,7 +6,7 @@ inside the functions). Each section prints Markdown as it goes and returns an ex
 (0: everything asked for ran and passed); the shell script runs each under its own
 ``timeout`` into ``OUT/<section>.md``::
 
-    python -m mmpsa.utils.gpu_check preflight|parity|kernels|block|network [--preset gpu|smoke]
+    python -m mmpsa.analysis.gpu_check preflight|parity|kernels|block|network [--preset gpu|smoke]
 
 Sections, in the order a first run must answer them (:data:`SECTIONS`):
 
@@ -15,14 +15,14 @@ Sections, in the order a first run must answer them (:data:`SECTIONS`):
 * ``parity``: each fused path (auto, triton, aten) against the literal form in fp64, on
   multi-tile, unaligned, channels_last and segmentation shapes, every variant x mode;
   error = max over the output and every gradient of ``max|err| / max|ref|`` within
-  :data:`mmpsa.utils.benchmark.TOLERANCES`, and two runs bitwise equal;
+  :data:`mmpsa.analysis.benchmark.TOLERANCES`, and two runs bitwise equal;
 * ``kernels``: registers and spills (``n_regs``, ``n_spills``) of each compiled Triton
   kernel, read from the JIT cache of each ``@triton.jit`` kernel after launching them;
 * ``block``: fwd+bwd times (CUDA events) of the literal form, the Triton and ATen paths and
   BatchNorm2d at HRNet-W48 shapes, fp32 and bf16, and a ``torch.profiler`` split (Triton
   kernels, other kernels, host);
 * ``network``: timm's HRNet-W48 train step, stock vs PSA, bf16 autocast
-  (:mod:`mmpsa.utils.benchmark_backbone`).
+  (:mod:`mmpsa.analysis.benchmark_backbone`).
 
 ``--preset smoke`` runs the same code on CPU under ``TRITON_INTERPRET=1`` with tiny shapes
 and the timm-free test network (the CI test of the script).
@@ -131,7 +131,7 @@ def ext_state() -> str:
     if dispatch.extension() is not None:
         return f'mmpsa._ext: built and loaded for Python {platform.python_version()}'
     return (f'mmpsa._ext: not built for Python {platform.python_version()} (the ATen rows '
-            'say n/a; no build section runs by default: tools/gpu_check.sh OUT --build)')
+            'say n/a; no build section runs by default: tools/dev/gpu_check.sh OUT --build)')
 
 
 # ------------------------------------------------------------------ preflight
@@ -197,7 +197,7 @@ def parity_section(plan: Sequence[tuple],
     two runs are bitwise equal (the ATen path without ``mmpsa._ext`` is ``n/a``); returns 1
     when a row fails.
     """
-    from mmpsa.utils.benchmark import TOLERANCES, parity
+    from mmpsa.analysis.benchmark import TOLERANCES, parity
     _out('Error = max over the output, dX and every parameter gradient (ch_wq.bias, exactly '
          '0, left out) of max|got - ref| / max|ref|, ref = the literal form in fp64; each '
          'cell: error and the path that ran (block.last_path); the literal column (the '
@@ -335,8 +335,8 @@ def kernels_section(plan: Sequence[Tuple[str, Sequence[str]]],
     Under ``TRITON_INTERPRET=1`` nothing is compiled: it lists the kernels and says so.
     Returns 1 when the Triton path is not available or a launch fails.
     """
+    from mmpsa.analysis.benchmark import _block_and_input, error_text, triton_kernel_names
     from mmpsa.layers import dispatch
-    from mmpsa.utils.benchmark import _block_and_input, error_text, triton_kernel_names
     module = dispatch.triton_module()
     if module is None:
         _out(f'- the Triton path is not available here: {dispatch._triton()[1]}')
@@ -346,7 +346,7 @@ def kernels_section(plan: Sequence[Tuple[str, Sequence[str]]],
     if module.INTERPRET:
         _out('- TRITON_INTERPRET=1: the kernels run in triton\'s interpreter, nothing is '
              'compiled, so there are no registers or spills to read (a GPU run gives them; '
-             'offline: tools/triton_compile_check.py).')
+             'offline: tools/dev/triton_compile_check.py).')
         rows = kernel_rows({name: getattr(module, name) for name in names})
         _out(f'- compiled binaries in the JIT caches: {len(rows)}')
         return 0
@@ -405,8 +405,8 @@ def block_section(shapes: Sequence[str],
 
     Returns 1 when a path that should run here failed.
     """
-    from mmpsa.utils.benchmark import (bench_paths, error_text, format_paths_table,
-                                       format_profile_table, profile_split)
+    from mmpsa.analysis.benchmark import (bench_paths, error_text, format_paths_table,
+                                          format_profile_table, profile_split)
     _out('Median fwd+bwd per path, interleaved, after 3 warm-ups (CUDA events on a GPU); '
          '`(xN lit, M BN)`: speed-up over the literal form, time over BatchNorm2d\'s; ran: '
          'the path each block took.')
@@ -467,8 +467,8 @@ def network_section(network: str,
                     warmup: int,
                     amp: str = 'bf16') -> int:
     """The train step of ``network`` stock vs PSA (fused) under ``amp`` autocast
-    (:func:`mmpsa.utils.benchmark_backbone.run`)."""
-    from mmpsa.utils.benchmark_backbone import run
+    (:func:`mmpsa.analysis.benchmark_backbone.run`)."""
+    from mmpsa.analysis.benchmark_backbone import run
     _out(
         run([network], ['fused'],
             batch=batch,

@@ -3,7 +3,7 @@
 The CI test uses ``--backend aot_eager`` (seconds); the default inductor backend compiles
 C++ kernels (minutes on a CPU). Example::
 
-    python tools/deploy/check_compile.py --backend inductor --iters 3
+    python tools/deployment/check_compile.py --backend inductor --iters 3
 """
 import argparse
 import sys
@@ -12,8 +12,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from mmpsa.datasets.tiny import TINY_SEG, make_tiny_data
 from mmpsa.deploy.compile import compile_parity
-from mmpsa.utils.tiny import TINY_SEG, make_tiny_data
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -8,29 +8,30 @@ test: timings depend on the machine and its load.
 
 Usage::
 
-    python tools/benchmark_psa.py                       # all variants, 2 threads
-    python tools/benchmark_psa.py --configs paper:parallel --shapes 64x32x24
+    python tools/analysis_tools/benchmark_psa.py                       # all variants, 2 threads
+    python tools/analysis_tools/benchmark_psa.py --configs paper:parallel --shapes 64x32x24
     # each evaluation path (MMPSA_BACKEND) and BatchNorm2d, on a GPU in bf16
-    python tools/benchmark_psa.py --device cuda --dtype bf16 --batch 32 \
+    python tools/analysis_tools/benchmark_psa.py --device cuda --dtype bf16 --batch 32 \
         --paths literal aten triton bn
-    python tools/benchmark_psa.py --parity --device cuda --dtype bf16  # errors vs fp64
+    # errors vs fp64:
+    python tools/analysis_tools/benchmark_psa.py --parity --device cuda --dtype bf16
     # where the time goes: torch.profiler split (Triton kernels, other kernels, host)
-    python tools/benchmark_psa.py --profile --device cuda --dtype bf16 --batch 32 \
+    python tools/analysis_tools/benchmark_psa.py --profile --device cuda --dtype bf16 --batch 32 \
         --paths triton aten bn
 
 The network-level train step (timm's HRNet-W48, stock vs PSA) is
-``tools/benchmark_backbone.py``; the prepared GPU run of all of them is
-``tools/gpu_check.sh``.
+``tools/analysis_tools/benchmark_backbone.py``; the prepared GPU run of all of them is
+``tools/dev/gpu_check.sh``.
 """
 import argparse
 from typing import List, Tuple
 
 import torch
 
-from mmpsa.utils.benchmark import (CONFIGS, HRNET_SHAPES, PATHS, SEG_SHAPES, TOLERANCES,
-                                   bench_paths, error_text, format_paths_table,
-                                   format_profile_table, format_table, parity, profile_split,
-                                   run_benchmark)
+from mmpsa.analysis.benchmark import (CONFIGS, HRNET_SHAPES, PATHS, SEG_SHAPES, TOLERANCES,
+                                      bench_paths, error_text, format_paths_table,
+                                      format_profile_table, format_table, parity, profile_split,
+                                      run_benchmark)
 
 DTYPES = {
     'fp32': torch.float32,

@@ -2,7 +2,7 @@
 
 Example::
 
-    python tools/make_tiny_coco.py data/tiny_coco
+    python tools/misc/make_tiny_coco.py data/tiny_coco
     python tools/train.py configs/mmpose/tiny/td-hm_psa-p-hrnet-tiny_1xb16-5e_tinycoco-96x64.py
 """
 import argparse

@@ -13,8 +13,8 @@ stores/loads and shared memory. Nothing runs.
 
 Usage::
 
-    python tools/triton_compile_check.py                    # sm_90, every shape and dtype
-    python tools/triton_compile_check.py --dtypes bf16 fp32 --shapes 32x384x8x6
+    python tools/dev/triton_compile_check.py                    # sm_90, every shape and dtype
+    python tools/dev/triton_compile_check.py --dtypes bf16 fp32 --shapes 32x384x8x6
 
 Exit status: 0 when every kernel compiled without spilling, 1 otherwise, 2 for bad usage.
 Run it without ``TRITON_INTERPRET=1`` (under the interpreter kernels are not compiled).

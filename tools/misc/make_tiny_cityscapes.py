@@ -2,7 +2,7 @@
 
 Example::
 
-    python tools/make_tiny_cityscapes.py data/tiny_cityscapes
+    python tools/misc/make_tiny_cityscapes.py data/tiny_cityscapes
     mim train mmseg configs/mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py \
         --gpus 0 --work-dir work_dirs/tiny
 """

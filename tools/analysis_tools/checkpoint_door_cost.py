@@ -1,6 +1,6 @@
 """Measure what the checkpoint door's checks cost on a checkpoint of a given size.
 
-    python tools/checkpoint_door_cost.py [--mb 300] [--repeat 3] [--dir /tmp]
+    python tools/analysis_tools/checkpoint_door_cost.py [--mb 300] [--repeat 3] [--dir /tmp]
 
 Writes a checkpoint shaped like an mmengine Runner's (a state_dict of ~300 float32 tensors, a
 message hub with HistoryBuffers, numpy dataset metadata) and times, best of ``--repeat``: the

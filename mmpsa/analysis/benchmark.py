@@ -1,7 +1,7 @@
 """Benchmark of the PSA block: fused vs literal, per path, parity and the profiler split.
 
-Library side of ``tools/benchmark_psa.py`` and of the block sections of
-``tools/gpu_check.sh`` (:mod:`mmpsa.utils.gpu_check`); imports torch and mmpsa's layers
+Library side of ``tools/analysis_tools/benchmark_psa.py`` and of the block sections of
+``tools/dev/gpu_check.sh`` (:mod:`mmpsa.analysis.gpu_check`); imports torch and mmpsa's layers
 alone. Timings are medians over interleaved repetitions (fused, literal, fused, ...) after
 warm-up, so slow drifts of a shared machine hit both forms alike; on a GPU each fwd+bwd is
 timed with CUDA events. The network-level train step is :mod:`.benchmark_backbone`.

@@ -6,21 +6,24 @@ those in the existing metafiles (no complexity records needed).
 
 Example::
 
-    python tools/complexity.py configs/mmseg/psa_*/*.py configs/mmpose/psa_*/*.py --json fused.json
-    python tools/complexity.py configs/mmseg/psa_*/*.py configs/mmpose/psa_*/*.py --literal \
+    python tools/analysis_tools/complexity.py configs/mmseg/psa_*/*.py \
+         configs/mmpose/psa_*/*.py --json fused.json
+    python tools/analysis_tools/complexity.py configs/mmseg/psa_*/*.py \
+         configs/mmpose/psa_*/*.py --literal \
         --json literal.json
-    python tools/update_model_index.py fused.json literal.json
-    python tools/update_model_index.py --paper-only
+    python tools/dev/update_model_index.py fused.json literal.json
+    python tools/dev/update_model_index.py --paper-only
 """
 import argparse
 from typing import List, Optional
 
-from mmpsa.utils.model_index import refresh_paper_results, write_model_index
+from mmpsa.analysis.model_index import refresh_paper_results, write_model_index
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('json_files', nargs='*', help='tools/complexity.py --json outputs')
+    parser.add_argument(
+        'json_files', nargs='*', help='tools/analysis_tools/complexity.py --json outputs')
     parser.add_argument(
         '--paper-only', action='store_true', help="rewrite only the paper's numbers")
     args = parser.parse_args(argv)

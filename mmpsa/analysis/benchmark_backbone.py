@@ -1,8 +1,8 @@
 """Network-level cost of PSA: one train step of a PSA backbone vs the stock one.
 
-Library side of ``tools/benchmark_backbone.py`` and the one train-step benchmark of the
-project (the GPU check's ``network`` section calls it too). Imports torch alone; each
-network imports its library when it is built:
+Library side of ``tools/analysis_tools/benchmark_backbone.py`` and the one train-step
+benchmark of the project (the GPU check's ``network`` section calls it too). Imports torch
+alone; each network imports its library when it is built:
 
 * ``hrnet-w48``: timm's ``hrnet_w48`` (``features_only=True, feature_location=''``: the five
   feature maps of the top-down pose/segmentation backbone), input ``(B, 3, 256, 192)``;

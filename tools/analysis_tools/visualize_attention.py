@@ -2,7 +2,8 @@
 
 Example::
 
-    python tools/visualize_attention.py CONFIG CHECKPOINT demo.png --out-dir outputs/attn
+    python tools/analysis_tools/visualize_attention.py CONFIG CHECKPOINT demo.png \
+        --out-dir outputs/attn
 """
 import argparse
 import sys

@@ -2,17 +2,17 @@
 
 Examples::
 
-    python tools/benchmark_backbone.py --threads 1 --reps 5 --block fused literal
+    python tools/analysis_tools/benchmark_backbone.py --threads 1 --reps 5 --block fused literal
     # the GPU check's network row: timm's HRNet-W48, batch 32, bf16 autocast
-    python tools/benchmark_backbone.py --networks hrnet-w48 --device cuda --amp bf16 \
-        --batch 32 --reps 10 --warmup 3
+    python tools/analysis_tools/benchmark_backbone.py --networks hrnet-w48 --device cuda \
+        --amp bf16 --batch 32 --reps 10 --warmup 3
 
 ``hrnet-w48`` needs timm (``pip install timm``), ``r50-d8`` mmseg. Prints a Markdown table
 (params, step time, overhead vs stock, the path the PSA blocks ran); progress goes to stderr.
 """
 import argparse
 
-from mmpsa.utils.benchmark_backbone import AMP_DTYPES, BLOCKS, NETWORKS, run
+from mmpsa.analysis.benchmark_backbone import AMP_DTYPES, BLOCKS, NETWORKS, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:

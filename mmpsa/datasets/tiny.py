@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Union
 
 from mmengine.config import Config
 
-from .paths import configs_root
+from ..utils.paths import configs_root
 
 TINY_SEG = configs_root() / 'mmseg/tiny/psa-p_fcn_hr-tiny_1xb4-100iter_tiny-cityscapes-64x128.py'
 TINY_POSE = configs_root() / 'mmpose/tiny/td-hm_psa-p-hrnet-tiny_1xb16-5e_tinycoco-96x64.py'
@@ -22,11 +22,11 @@ def make_tiny_data(root: Union[str, Path], scope: str) -> Path:
     """
     root = Path(root)
     if scope == 'mmseg':
-        from mmpsa.datasets.cityscapes_tiny import make_tiny_cityscapes
+        from .cityscapes_tiny import make_tiny_cityscapes
         if not (root / 'gtFine' / 'val').is_dir():
             make_tiny_cityscapes(root)
     elif scope == 'mmpose':
-        from mmpsa.datasets.coco_tiny import make_tiny_coco
+        from .coco_tiny import make_tiny_coco
         if not (root / 'annotations' / 'person_keypoints_val2017.json').is_file():
             make_tiny_coco(str(root))
     else:

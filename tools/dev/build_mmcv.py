@@ -15,8 +15,8 @@ for one torch to another (undefined symbols at import), hence this cache.
 
 Usage::
 
-    python tools/build_mmcv.py --install        # build if needed, then install
-    python tools/build_mmcv.py --print-path     # only print the cached wheel
+    python tools/dev/build_mmcv.py --install        # build if needed, then install
+    python tools/dev/build_mmcv.py --print-path     # only print the cached wheel
 """
 import argparse
 import os

@@ -2,7 +2,8 @@
 
 Each metafile has a ``Collections`` entry per family (``Paper``, ``Code``: where in mmpsa,
 ``Metadata``: architecture, training data, resources) and per model ``Config`` and ``Metadata``
-(params and FLOPs from :mod:`mmpsa.apis.complexity` records, ``tools/complexity.py --json``,
+(params and FLOPs from :mod:`mmpsa.apis.complexity` records,
+``tools/analysis_tools/complexity.py --json``,
 input, training data). ``Results``, ``Weights``, ``Training log`` and the measured ``Metadata``
 (``Training Resources``, ``Memory (MB)``) are written only by ``tools/reproduce.py TABLE
 publish`` (:func:`update_models`) from finished runs, and kept when the metafiles are rebuilt;
@@ -22,7 +23,7 @@ from typing import Dict, Iterable, List, Optional
 
 import yaml
 
-from .paths import configs_root
+from ..utils.paths import configs_root
 
 PAPER = dict(
     URL='https://arxiv.org/abs/2107.00782',
@@ -78,7 +79,7 @@ def paper_results() -> Dict[str, Dict[str, List[dict]]]:
     source``), ``Metrics`` and ``Source``; a reference also ``Label`` (the table's, e.g.
     ``released recipe``) and ``Of``: the config of the table whose own result it is.
     """
-    from .reproduce import config_name, load_table, tables_root
+    from .tables import config_name, load_table, tables_root
     out: Dict[str, Dict[str, List[dict]]] = {}
     for path in sorted(tables_root().glob('*.py')):
         table = load_table(str(path))

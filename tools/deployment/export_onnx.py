@@ -3,7 +3,7 @@
 Seg models export their logits (``mode='tensor'``), top-down pose models their heatmaps;
 the input is the normalised image batch (the data preprocessor stays outside). Example::
 
-    python tools/deploy/export_onnx.py CONFIG --checkpoint CKPT --out model.onnx \\
+    python tools/deployment/export_onnx.py CONFIG --checkpoint CKPT --out model.onnx \\
         --shape 512 1024 --dynamic
 """
 import argparse

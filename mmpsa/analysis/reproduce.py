@@ -42,123 +42,22 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import yaml
 from mmengine.config import Config
 
-from .paths import configs_root
+from ..utils.paths import configs_root
+from .tables import TRAINED  # noqa: F401  (re-exported: the row kinds beside RELEASED)
+from .tables import RELEASED, Row, Table, config_name, load_table, tables_root
 
 #: Values of ``--launcher``: mmpsa's tools/train.py, torchrun, slurm, ``mim train``.
 LAUNCHERS = ('local', 'pytorch', 'slurm', 'mim')
 #: Run states, as gather reports them.
-FINISHED, TRAINED, UNFINISHED, FAILED, NOT_STARTED = ('finished', 'trained, not tested',
-                                                      'unfinished', 'failed', 'not started')
-_ROW_KEYS = ('psa', 'stock', 'metric', 'label', 'scale', 'checkpoint', 'cfg_options', 'paper',
-             'released')
-_PAPER_KEYS = ('value', 'split', 'source', 'reference')
-#: Row kinds, as gather and the table name them.
-TRAINED, RELEASED = 'trained here', 'released weights'
+FINISHED, TRAINED_UNTESTED, UNFINISHED, FAILED, NOT_STARTED = ('finished', 'trained, not tested',
+                                                               'unfinished', 'failed',
+                                                               'not started')
 _LOG_TIME = re.compile(r'^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) - mmengine - ')
-
-
-def tables_root() -> Path:
-    """``configs/tables/``: one file per table."""
-    return configs_root() / 'tables'
 
 
 def tools_root() -> Path:
     """mmpsa's ``tools/`` (beside its ``configs/``: the checkout's, or ``mmpsa/.mim``'s)."""
     return configs_root().parent / 'tools'
-
-
-@dataclass
-class Row:
-    """One table row: a PSA config, its stock twin and what is measured."""
-
-    psa: str
-    stock: Optional[str]
-    metric: str
-    label: str
-    scale: float = 1.0
-    checkpoint: str = 'last'
-    cfg_options: Dict[str, Any] = field(default_factory=dict)
-    paper: Optional[Dict[str, Any]] = None
-    released: Optional[str] = None
-
-    @property
-    def kind(self) -> str:
-        """:data:`RELEASED` (converted, tested) or :data:`TRAINED`."""
-        return RELEASED if self.released else TRAINED
-
-
-def _check_row(row: Dict[str, Any], where: str) -> None:
-    """Raise ValueError for a row a table must not have."""
-    unknown = set(row) - set(_ROW_KEYS)
-    if unknown:
-        raise ValueError(f'{where} has unknown keys {sorted(unknown)}')
-    if row.get('checkpoint', 'last') not in ('last', 'best'):
-        raise ValueError(f"{where}.checkpoint must be 'last' or 'best', got {row['checkpoint']!r}")
-    paper = row.get('paper')
-    if paper is not None:
-        unknown = set(paper) - set(_PAPER_KEYS)
-        missing = {'value', 'split', 'source'} - set(paper)
-        if unknown or missing:
-            raise ValueError(f'{where}.paper needs value, split, source (and may have '
-                             f'reference), got {sorted(paper)}')
-    released = row.get('released')
-    if released is not None:
-        if released not in ('psa_p', 'psa_s'):
-            raise ValueError(f"{where}.released must be 'psa_p' or 'psa_s', got {released!r}")
-        if row.get('stock') is not None:
-            raise ValueError(f'{where}: a released-weights row has no stock twin, got '
-                             f'{row["stock"]!r}')
-
-
-@dataclass
-class Table:
-    """A reproduction table (see the module docstring)."""
-
-    name: str
-    title: str
-    task: str
-    dataset: str
-    rows: List[Row]
-    data: Optional[str] = None
-    #: Environment variables of every job (the tiny table fixes the CPU threads and ISA).
-    env: Dict[str, str] = field(default_factory=dict)
-    attention: bool = False
-    note: str = ''
-
-
-def load_table(name: str) -> Table:
-    """Load ``configs/tables/<name>.py`` (or a table file path).
-
-    Args:
-        name: A table name (``'tiny'``, ``'cityscapes'``, ``'coco'``) or a ``.py`` path.
-
-    Returns:
-        The table.
-    """
-    path = Path(name) if name.endswith('.py') else tables_root() / f'{name}.py'
-    if not path.is_file():
-        known = sorted(p.stem for p in tables_root().glob('*.py'))
-        raise ValueError(f'table must be one of {known} or a table file, got {name!r}')
-    spec = Config.fromfile(str(path)).to_dict()
-    defaults = spec.get('defaults', {})
-    rows = []
-    for i, raw in enumerate(spec['rows']):
-        row = {**defaults, **raw}
-        _check_row(row, f'{path}: rows[{i}]')
-        rows.append(Row(**row))
-    return Table(
-        name=path.stem,
-        title=spec['title'],
-        task=spec['task'],
-        dataset=spec['dataset'],
-        rows=rows,
-        data=spec.get('data'),
-        env={
-            k: str(v)
-            for k, v in spec.get('env', {}).items()
-        },
-        attention=spec.get('attention', False),
-        note=spec.get('note', ''))
 
 
 def _shown(path: Path) -> str:
@@ -175,11 +74,6 @@ def config_file(config: str) -> str:
         package, rel = _get_package_and_cfg_path(config)
         return osp.join(get_installed_path(package), '.mim', 'configs', rel)
     return _shown(configs_root() / config)
-
-
-def config_name(config: str) -> str:
-    """A config's name (its file stem): the name of its work dir."""
-    return osp.splitext(osp.basename(config.split('::')[-1]))[0]
 
 
 @dataclass
@@ -293,7 +187,7 @@ def data_root_options(config: str,
         data_root: The data folder.
         cfg_options: Options applied before these.
     """
-    from .tiny import data_root_updates
+    from ..datasets.tiny import data_root_updates
     cfg = Config.fromfile(config_file(config))
     cfg.merge_from_dict(cfg_options or {})
     return data_root_updates(cfg, data_root)
@@ -307,7 +201,7 @@ def _exact_resume_options() -> Dict[str, Any]:
 def _record_options() -> Dict[str, Any]:
     """The run record hook (:mod:`mmpsa.utils.run_record`), as ``--cfg-options``: a new key of
     ``default_hooks``, which mmengine merges into its defaults (no ``custom_hooks`` replaced)."""
-    from .run_record import HOOK_TYPE
+    from ..utils.run_record import HOOK_TYPE
     return {'default_hooks.run_record.type': HOOK_TYPE}
 
 
@@ -458,7 +352,7 @@ def state(run: Run) -> str:
     if test_results(run) is not None:
         return FINISHED
     if (run.work_dir / 'train.done').is_file():
-        return FAILED if (run.work_dir / 'test.failed').is_file() else TRAINED
+        return FAILED if (run.work_dir / 'test.failed').is_file() else TRAINED_UNTESTED
     if (run.work_dir / 'train.failed').is_file():
         return FAILED
     if (run.work_dir / 'last_checkpoint').is_file() or _train_logs(run):
@@ -569,7 +463,7 @@ def prepare_data(table: Table,
     """The data folder per scope: the generated tiny sets for a ``data='tiny'`` table (made
     once under ``WORK_DIR/data``), else ``--data-root`` for every scope, else None."""
     if table.data == 'tiny':
-        from .tiny import make_tiny_data
+        from ..datasets.tiny import make_tiny_data
         roots = {
             'mmseg': Path(work_root) / 'data' / 'tiny_cityscapes',
             'mmpose': Path(work_root) / 'data' / 'tiny_coco'
@@ -684,7 +578,7 @@ def _metric(run: Optional[Run], row: Row) -> Tuple[str, Optional[float]]:
 def run_records(run: Optional[Run]) -> Dict[str, List[Dict[str, Any]]]:
     """The records the jobs of a run wrote (:mod:`mmpsa.utils.run_record`): ``'train'`` (one
     per training session, oldest first) and ``'test'`` (one per test)."""
-    from .run_record import read_records
+    from ..utils.run_record import read_records
     if run is None:
         return {'train': [], 'test': []}
     return {
@@ -695,7 +589,7 @@ def run_records(run: Optional[Run]) -> Dict[str, List[Dict[str, Any]]]:
 
 def _ran_on(records: Dict[str, List[Dict[str, Any]]]) -> Optional[str]:
     """What the training sessions (or, for released weights, the last test) ran on."""
-    from .run_record import resources
+    from ..utils.run_record import resources
     sessions = records['train'] or records['test'][-1:]
     found = list(dict.fromkeys(resources(r) for r in sessions))
     return ' + '.join(found) if found else None
@@ -1013,7 +907,7 @@ def compare_results(table: Table, records: List[Dict[str, Any]],
     committed_lock = _one((committed.get('environment') or {}).get('packages_hash'), str)
     if committed_lock != lock:
         lines.append(f'  installed packages {lock} here, {committed_lock} for the README '
-                     '(set up from the lock: tools/setup_env.sh)')
+                     '(set up from the lock: tools/dev/setup_env.sh)')
     return False, lines
 
 

@@ -4,11 +4,11 @@
 # limits added up. Each section runs under its own timeout and writes OUT_DIR/<section>.md as
 # it goes; OUT_DIR/summary.txt holds "<section> rc=N" per section (124: timed out).
 #
-#   tools/gpu_check.sh OUT_DIR            # on the GPU
-#   tools/gpu_check.sh OUT_DIR --build    # first compile mmpsa._ext in place (+180 s)
-#   tools/gpu_check.sh OUT_DIR --smoke    # on CPU under TRITON_INTERPRET=1, tiny shapes (CI)
+#   tools/dev/gpu_check.sh OUT_DIR            # on the GPU
+#   tools/dev/gpu_check.sh OUT_DIR --build    # first compile mmpsa._ext in place (+180 s)
+#   tools/dev/gpu_check.sh OUT_DIR --smoke    # on CPU under TRITON_INTERPRET=1, tiny shapes (CI)
 #
-# Sections, in the order a first run must answer them (python -m mmpsa.utils.gpu_check NAME):
+# Sections, in the order a first run must answer them (python -m mmpsa.analysis.gpu_check NAME):
 #   preflight  10 s  mmpsa.layers imports, CUDA visible, triton version, mmpsa._ext state
 #   parity    120 s  auto/triton/aten vs the fp64 literal form: multi-tile, unaligned
 #                    (12x9, 13x21), channels_last and segmentation shapes, every variant x
@@ -21,7 +21,7 @@
 #   network   120 s  timm HRNet-W48 train step, stock vs PSA, bf16 autocast, batch 32
 # The ATen rows say n/a where mmpsa._ext is not built for this python.
 set -u
-OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [--smoke] [--build]}
+OUT=${1:?usage: tools/dev/gpu_check.sh OUT_DIR [--smoke] [--build]}
 shift
 MODE=gpu BUILD=0
 for arg in "$@"; do
@@ -33,7 +33,7 @@ for arg in "$@"; do
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUT/summary.txt"
@@ -56,7 +56,7 @@ section() {
         echo
     } > "$OUT/$name.md"
     local t0=$SECONDS
-    timeout "$limit" "$PY" -W ignore::UserWarning -m mmpsa.utils.gpu_check "$name" \
+    timeout "$limit" "$PY" -W ignore::UserWarning -m mmpsa.analysis.gpu_check "$name" \
         --preset "$MODE" "$@" >> "$OUT/$name.md" 2>&1
     local rc=$?
     tail -n 40 "$OUT/$name.md"

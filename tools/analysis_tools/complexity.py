@@ -5,8 +5,8 @@ input size is each config's own (``crop_size`` / ``codec.input_size``) unless ``
 
 Example::
 
-    python tools/complexity.py configs/mmseg/psa_ocrnet/*.py --json complexity.json
-    python tools/complexity.py CONFIG --literal --shape 512 1024 \
+    python tools/analysis_tools/complexity.py configs/mmseg/psa_ocrnet/*.py --json complexity.json
+    python tools/analysis_tools/complexity.py CONFIG --literal --shape 512 1024 \
         --stock mmseg::ocrnet/ocrnet_hr48_4xb2-80k_cityscapes-512x1024.py
 """
 import argparse
