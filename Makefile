@@ -1,10 +1,11 @@
-# The two commands: `make demo` (the main job) and `make test` (linters, then the test suite).
-# Both create/update the project virtualenv first (tools/dev/setup_env.sh, idempotent).
+# The two commands: `make demo` (the main job) and `make test` (linters, then the test suite);
+# `make docs` builds the documentation. Each creates/updates the project virtualenv first
+# (tools/dev/setup_env.sh, idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test bench clean
+.PHONY: setup demo lint test docs bench clean
 
 setup:
 	@VENV=$(VENV) bash tools/dev/setup_env.sh
@@ -19,6 +20,12 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
+
+# docs/en (Markdown via MyST) into outputs/docs/html: a fresh build (-E), every warning an error
+# (-W --keep-going), nitpicky references (-n), internal links and anchors resolved; no network
+docs: setup
+	$(PY) -m sphinx -E -W --keep-going -n -q -b html docs/en outputs/docs/html
+	@echo "docs: outputs/docs/html/index.html"
 
 bench: setup
 	$(PY) tools/analysis_tools/benchmark_psa.py

@@ -14,7 +14,9 @@
 # Environment: VENV (default .venv), PYTHON (default python3),
 #              TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"),
 #              LOCK (default requirements/lock/torch2.14.txt with the default TORCH_SPEC, else
-#              none), LOCK_WRITE (write the installed set as a lock there at the end).
+#              none), LOCK_WRITE (write the installed set as a lock there at the end),
+#              MMPSA_DOCS (1: install the doc tools, requirements/docs.txt; 0: not; default:
+#              where the lock pins sphinx, i.e. the torch 2.14 end, not the torch 2.1 one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
@@ -26,8 +28,13 @@ if [ -z "${LOCK+set}" ] && [ "$TORCH_SPEC" = "$DEFAULT_TORCH_SPEC" ]; then
 fi
 LOCK=${LOCK:-}
 LOCK_WRITE=${LOCK_WRITE:-}
+MMPSA_DOCS=${MMPSA_DOCS:-}
+if [ -z "$MMPSA_DOCS" ]; then
+  MMPSA_DOCS=0
+  if [ -n "$LOCK" ] && grep -q '^sphinx==' "$LOCK"; then MMPSA_DOCS=1; fi
+fi
 stamp="$VENV/.mmpsa-setup"
-want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/dev/setup_env.sh tools/dev/build_mmcv.py; echo "$TORCH_SPEC"; [ -z "$LOCK" ] || grep -v '^#' "$LOCK") | sha256sum | cut -c1-16)
+want=$( (cat requirements/*.txt setup.py mmpsa/csrc/* tools/dev/setup_env.sh tools/dev/build_mmcv.py; echo "$TORCH_SPEC docs=$MMPSA_DOCS"; [ -z "$LOCK" ] || grep -v '^#' "$LOCK") | sha256sum | cut -c1-16)
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -60,6 +67,10 @@ step "OpenMMLab stack (mmengine, mmcv, mmseg, mmdet, mmpose deps, mim, pytest)"
 pip_q "$wheel" -r requirements/env.txt
 step "mmpose 1.3.2 without its unbuildable chumpy requirement"
 pip_q --no-deps mmpose==1.3.2
+if [ "$MMPSA_DOCS" = 1 ]; then
+  step "documentation tools (requirements/docs.txt: sphinx, myst-parser)"
+  pip_q -r requirements/docs.txt
+fi
 step "mmpsa (editable; compiles mmpsa._ext, the fused block, ~1 min)"
 pip_q --no-deps --no-build-isolation -e .
 step "checking the stack imports"
