@@ -6,17 +6,19 @@ same channels and sizes, each refined by its own block. It imports neither mmseg
 and registers once, in mmengine's root ``MODELS`` (as the block does), so
 ``type='PSANeck'`` builds in either scope.
 
-Segmentors and pose estimators build the neck without showing it the backbone, so a level
-count or a channel list that does not match would otherwise surface only as a shape error in
-the first forward. A module-registration hook (a public torch API) compares the neck with
-its sibling ``backbone`` the moment a model assigns it, i.e. while the model is being built.
+Segmentors and pose estimators build the neck without showing it the backbone, so the neck
+checks what it receives at every forward (a ValueError naming ``in_channels``, not a shape
+error deep in a conv). :func:`check_feature_channels` checks a whole built model -- every PSA
+neck and head against the backbone or neck before it -- without running it; mmpsa's own build
+paths (the train/test tools' runner, :func:`mmpsa.checkpoint.build_model`) call it, so a
+config mistake fails when the model is built. This module installs no global hook: a plain
+``MODELS.build`` is not checked until the first forward.
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_module_registration_hook
 
 from .insertion import backbone_out_channels
 from .layers import PolarizedSelfAttention, check_psa_cfg
@@ -95,6 +97,10 @@ class PSANeck(BaseModule):
                 f'PSANeck: in_channels does not match {source}, whose feature maps have '
                 f'channels {channels}; got in_channels={self.in_channels!r}')
 
+    def check_feature_channels(self, channels: Sequence[int], source: str) -> None:
+        """The check :func:`check_feature_channels` runs: :meth:`check_inputs`."""
+        self.check_inputs(channels, source)
+
     def forward(self, inputs: Union[Tensor, Sequence[Tensor]]) -> Union[Tensor, Tuple[Tensor, ...]]:
         """Apply level ``i``'s block to ``inputs[i]``.
 
@@ -111,20 +117,54 @@ class PSANeck(BaseModule):
         return outs[0] if single else outs
 
 
-def _check_neck_on_assign(parent: nn.Module, name: str, module: nn.Module) -> None:
-    """Module-registration hook: check a PSANeck against the backbone it is assigned beside.
+#: The children of a segmentor or pose estimator that receive feature maps, in build order.
+FEATURE_CONSUMERS = ('neck', 'decode_head', 'auxiliary_head', 'head')
 
-    Acts only for backbones whose output channels
-    :func:`~mmpsa.insertion.backbone_out_channels` knows (mmseg's and mmpose's ResNet and
-    HRNet, PSA or stock); others are checked at the first forward.
+
+def feature_channels(parent: nn.Module, child: str) -> Optional[Tuple[List[int], str]]:
+    """The channels of the feature maps ``parent`` feeds its ``child``, and who makes them.
+
+    The one answer to "which channels feed me" for the PSA neck and heads: a neck receives the
+    backbone's maps; a head receives a ``PSANeck``'s (which keeps the backbone's channels) or,
+    without a neck, the backbone's. Backbone channels are known for mmseg's and mmpose's
+    ResNet and HRNet, PSA or stock (:func:`~mmpsa.insertion.backbone_out_channels`).
+
+    Args:
+        parent: A segmentor or pose estimator (``backbone``, ``neck``, heads as attributes).
+        child: ``'neck'`` or the attribute of a head (``'decode_head'``, ``'head'``, ...).
+
+    Returns:
+        ``(channels, source)``, or None where they are unknown (another neck, an unknown
+        backbone): then the child's own check at the first forward tells.
     """
-    if name != 'neck' or not isinstance(module, PSANeck):
-        return None
+    neck = None if child == 'neck' else getattr(parent, 'neck', None)
+    if isinstance(neck, PSANeck):
+        return list(neck.in_channels), 'the neck (PSANeck)'
     backbone = getattr(parent, 'backbone', None)
-    channels = backbone_out_channels(backbone) if isinstance(backbone, nn.Module) else None
-    if channels is not None:
-        module.check_inputs(channels, f'the backbone ({type(backbone).__name__})')
+    if neck is None and isinstance(backbone, nn.Module):
+        channels = backbone_out_channels(backbone)
+        if channels is not None:
+            return channels, f'the backbone ({type(backbone).__name__})'
     return None
 
 
-register_module_module_registration_hook(_check_neck_on_assign)
+def check_feature_channels(model: nn.Module) -> None:
+    """Check each PSA neck and head of a built model against the maps that feed it.
+
+    Every child in :data:`FEATURE_CONSUMERS` (a head list, as OCRNet's cascade has, item by
+    item) that has a ``check_feature_channels(channels, source)`` method is given
+    :func:`feature_channels`; it raises ValueError naming its own field. Stock modules and
+    unknown sources are left to the first forward.
+
+    Args:
+        model: The built model (unwrapped from DDP).
+    """
+    for name in FEATURE_CONSUMERS:
+        child = getattr(model, name, None)
+        inputs = feature_channels(model, name) if isinstance(child, nn.Module) else None
+        if inputs is None:
+            continue
+        for module in (child if isinstance(child, nn.ModuleList) else [child]):
+            check = getattr(module, 'check_feature_channels', None)
+            if callable(check):
+                check(*inputs)

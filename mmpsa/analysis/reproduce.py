@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import yaml
 from mmengine.config import Config
 
+from ..checkpoint.build import scope_of
 from ..utils.paths import configs_root
 from .tables import TRAINED  # noqa: F401  (re-exported: the row kinds beside RELEASED)
 from .tables import RELEASED, Row, Table, config_name, load_table, tables_root
@@ -140,15 +141,6 @@ class Command:
                          for k, v in self.env.items()] + [shlex.quote(a) for a in self.argv])
 
 
-def _scope(config: str) -> str:
-    """``mmseg`` or ``mmpose`` from a config's name (package prefix or folder)."""
-    head = config.split('::')[0] if '::' in config else config.split('/')[0]
-    if head not in ('mmseg', 'mmpose'):
-        raise ValueError(f'config must be under mmseg/ or mmpose/ (or mmseg::, mmpose::), '
-                         f'got {config!r}')
-    return head
-
-
 def runs_of(table: Table, work_root: str, data_roots: Optional[Dict[str, str]] = None) -> List[Run]:
     """Every distinct run of a table, PSA config then stock twin, row by row.
 
@@ -165,7 +157,7 @@ def runs_of(table: Table, work_root: str, data_roots: Optional[Dict[str, str]] =
         for config in (row.psa, row.stock):
             if config is None or config_name(config) in runs:
                 continue
-            scope = _scope(config)
+            scope = scope_of(config_file(config))
             options = dict(row.cfg_options)
             if data_roots and scope in data_roots:
                 options.update(data_root_options(config, data_roots[scope], row.cfg_options))

@@ -32,12 +32,14 @@ import torch
 from mmengine.config import Config
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from ..checkpoint import checkpoint_door, fetch_and_verify, verify_checkpoint_file
-from ..checkpoint.build import SCOPES, load_config  # noqa: F401  (re-exported)
+from ..checkpoint.build import SCOPES, load_config, scope_of  # noqa: F401  (re-exported)
 from ..datasets.check import check_dataset
 from ..engine.runner import add_custom_hook
+from ..necks import check_feature_channels
 
 #: The ``default_scope`` values the tools know.
 #: Values of ``--launcher``.
@@ -214,13 +216,13 @@ def build_runner(cfg: Config) -> Runner:
     Returns:
         The runner.
     """
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f'default_scope must be one of {SCOPES}, got {scope!r}')
-    registry = importlib.import_module(f'{scope}.registry').RUNNERS
-    if 'runner_type' in cfg:
-        return registry.build(cfg)
-    return Runner.from_cfg(cfg)
+    registry = importlib.import_module(f'{scope_of(cfg)}.registry').RUNNERS
+    runner = registry.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+    # the runner has built (and maybe wrapped) the model: its PSA necks and heads are checked
+    # against what feeds them now, not at the first forward after the data is loaded
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    check_feature_channels(model)
+    return runner
 
 
 def train(config: str,

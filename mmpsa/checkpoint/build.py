@@ -4,6 +4,7 @@ Export, attention maps, complexity and the released-weights converter build thei
 here; the weights come through the door (:func:`load_into_model`), with the purpose deciding
 what is an error (:func:`mmpsa.checkpoint.check_psa_match`).
 """
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -11,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 from mmengine.config import Config
 
+from ..necks import check_feature_channels
 from ..utils.paths import PACKAGE_PREFIX, config_path
 from .door import read_checkpoint
 from .match import check_psa_match, keep_missing_psa
@@ -60,14 +62,15 @@ def scope_of(config: ConfigLike) -> str:
 def build_model_cfg(cfg: Config, model_cfg: Optional[dict] = None, device: Any = None):
     """``MODELS.build`` of ``cfg.model`` (or ``model_cfg``) in the config's scope, no weights
     loaded and no ``init_weights`` (so no ``pretrained`` download); ``device='meta'`` gives
-    keys and shapes without memory."""
+    keys and shapes without memory. The PSA necks' and heads' channels are checked
+    (:func:`~mmpsa.necks.check_feature_channels`)."""
     from mmengine.registry import MODELS, DefaultScope
     model_cfg = copy.deepcopy(cfg.model if model_cfg is None else model_cfg)
     with DefaultScope.overwrite_default_scope(scope_of(cfg)):
-        if device is None:
-            return MODELS.build(model_cfg)
-        with torch.device(device):
-            return MODELS.build(model_cfg)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = MODELS.build(model_cfg)
+    check_feature_channels(model)
+    return model
 
 
 def load_into_model(model: torch.nn.Module,
@@ -118,6 +121,7 @@ def build_model(config: ConfigLike,
     else:
         from mmpose.apis import init_model
     model = init_model(cfg, None, device='cpu')
+    check_feature_channels(model)
     if checkpoint is not None:
         ckpt = load_into_model(model, checkpoint, purpose, allow_missing_psa=allow_missing_psa)
         meta = ckpt.get('meta') or {}

@@ -28,7 +28,7 @@ import numbers
 import os.path as osp
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -329,22 +329,3 @@ def _check_one(cfg, dataset_cfg: dict, report: DatasetReport, full: bool, progre
         elif info.get('img_path') and info['img_path'] not in seen_images:
             seen_images.add(info['img_path'])
             _check_image(report, info['img_path'], backend_args)
-
-
-def check_config_dataset(config: Any,
-                         split: str = 'train',
-                         full: bool = True,
-                         progress: bool = False) -> DatasetReport:
-    """:func:`check_dataset` of a config file (or ``Config``), as ``tools/misc/check_dataset.py``.
-
-    Args:
-        config: A config path or ``Config``.
-        split: One of :data:`SPLITS`.
-        full: As in :func:`check_dataset`.
-        progress: As in :func:`check_dataset`.
-
-    Returns:
-        The report.
-    """
-    from ..checkpoint.build import load_config
-    return check_dataset(load_config(config), split, full=full, progress=progress)

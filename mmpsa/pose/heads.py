@@ -10,12 +10,9 @@ from typing import Optional, Sequence, Tuple, Union
 from mmpose.models.heads import HeatmapHead
 from mmpose.registry import MODELS
 from mmpose.utils.typing import ConfigType, OptConfigType
-from torch import Tensor, nn
-from torch.nn.modules.module import register_module_module_registration_hook
+from torch import Tensor
 
-from ..insertion import backbone_out_channels
 from ..layers import PolarizedSelfAttention, check_psa_cfg
-from ..necks import PSANeck
 
 OptIntSeq = Optional[Sequence[int]]
 
@@ -104,6 +101,10 @@ class PSAHeatmapHead(HeatmapHead):
             raise ValueError(f'PSAHeatmapHead: in_channels={self.in_channels} does not '
                              f'match {source}, got {channels} channels')
 
+    def check_feature_channels(self, channels: Sequence[int], source: str) -> None:
+        """The check :func:`mmpsa.necks.check_feature_channels` runs: the last map's."""
+        self.check_inputs(channels[-1], source)
+
     def forward(self, feats: Tuple[Tensor]) -> Tensor:
         """Heatmaps from the last feature map: deconvs, convs, PSA, final conv.
 
@@ -120,32 +121,3 @@ class PSAHeatmapHead(HeatmapHead):
         if self.psa is not None:
             x = self.psa(x)
         return self.final_layer(x)
-
-
-def _check_head_on_assign(parent: nn.Module, name: str, module: nn.Module) -> None:
-    """Module-registration hook: when a pose estimator assigns a PSAHeatmapHead, check its
-    ``in_channels`` against the PSANeck or backbone before it, so the config fails at build
-    time.
-
-    mmpose builds ``backbone``, ``neck``, ``head`` in that order as attributes of the
-    estimator, without showing the head the others; this hook sees the assignment. It acts
-    only when the channels are known: a PSANeck's, or a backbone's that
-    :func:`~mmpsa.insertion.backbone_out_channels` knows, with no other neck in between.
-    """
-    if name != 'head' or not isinstance(module, PSAHeatmapHead):
-        return None
-    neck = getattr(parent, 'neck', None)
-    backbone = getattr(parent, 'backbone', None)
-    if isinstance(neck, PSANeck):
-        channels, source = list(neck.in_channels), 'the PSANeck'
-    elif neck is None and isinstance(backbone, nn.Module):
-        channels = backbone_out_channels(backbone)
-        source = f'the backbone ({type(backbone).__name__})'
-    else:
-        channels = None  # an unknown neck or backbone: the first forward tells
-    if channels is not None:
-        module.check_inputs(channels[-1], source)
-    return None
-
-
-register_module_module_registration_hook(_check_head_on_assign)

@@ -15,25 +15,19 @@ None of this placement is the released code's (which has PSA only in HRNet's Bas
 the PSA heads are this project's extension. Names avoid mmseg's own ``PSAHead`` (PSANet).
 
 When a head's ``in_channels``/``in_index``/``c1_in_channels`` do not fit the maps its backbone
-(or ``PSANeck``) returns, building the model fails with a ValueError naming the field. That
-needs the segmentor to assign the backbone and the head side by side, as mmseg's
-``EncoderDecoder`` does, or to append its heads to a list it has assigned, as OCRNet's
-``CascadeEncoderDecoder`` does.
+(or ``PSANeck``) returns, the head raises a ValueError naming the field: at its first forward
+(from the maps it receives), or -- through mmpsa's tools and build helpers, which run
+:func:`mmpsa.necks.check_feature_channels` -- as soon as the segmentor is built.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch.nn as nn
 from mmseg.models.decode_heads import DepthwiseSeparableASPPHead, FCNHead, OCRHead
 from mmseg.registry import MODELS
 from torch import Tensor
-from torch.nn.modules.module import register_module_module_registration_hook
 
-from ..insertion import backbone_out_channels
 from ..layers import PolarizedSelfAttention, check_psa_cfg
-from ..necks import PSANeck, check_channel_list
-
-#: Attribute of a segmentor's head ``nn.ModuleList`` holding ``(channels, source)``.
-_HEAD_INPUTS = '_psa_head_inputs'
+from ..necks import check_channel_list
 
 
 def build_head_psa(owner: str, psa: Optional[dict],
@@ -71,7 +65,7 @@ def _level_channels(owner: str, kwargs: dict) -> List[int]:
 
 
 class _PSAHeadMixin:
-    """What the three PSA heads share: the block's forward hook and the build-time check."""
+    """What the three PSA heads share: the block's forward hook and the channel check."""
 
     psa: Optional[PolarizedSelfAttention]
     level_channels: List[int]
@@ -106,6 +100,16 @@ class _PSAHeadMixin:
             raise ValueError(f'{owner}: in_channels does not match {source}: in_index='
                              f'{self.in_index!r} selects maps with {expected!r} channels, '
                              f'got in_channels={declared!r}')
+
+    def check_feature_channels(self, channels: Sequence[int], source: str) -> None:
+        """The check :func:`mmpsa.necks.check_feature_channels` runs: :meth:`check_features`."""
+        self.check_features(channels, source)
+
+    def forward(self, inputs: List[Tensor], *args, **kwargs) -> Tensor:
+        """The stock head's forward, after checking the maps it receives (the first forward
+        names a mismatched field instead of failing inside a conv)."""
+        self.check_features([x.shape[1] for x in inputs], 'the input feature maps')
+        return super().forward(inputs, *args, **kwargs)
 
 
 @MODELS.register_module()
@@ -186,46 +190,3 @@ class PSAOCRHead(_PSAHeadMixin, OCRHead):
             # ``bottleneck`` makes the pixel features that both the spatial gather and the
             # object attention read; the hook puts the PSA between them.
             self.bottleneck.register_forward_hook(self._apply_psa)
-
-
-def _head_inputs(segmentor: nn.Module) -> Optional[Tuple[List[int], str]]:
-    """The channels of the maps a segmentor's heads receive, and from what; None if unknown."""
-    neck = getattr(segmentor, 'neck', None)
-    backbone = getattr(segmentor, 'backbone', None)
-    if isinstance(neck, PSANeck):
-        return neck.in_channels, 'the neck (PSANeck)'
-    if neck is None and isinstance(backbone, nn.Module):
-        channels = backbone_out_channels(backbone)
-        if channels is not None:
-            return channels, f'the backbone ({type(backbone).__name__})'
-    return None  # an unknown neck or backbone: the first forward tells
-
-
-def _check_head_on_assign(parent: nn.Module, name: str, module: nn.Module) -> None:
-    """Module-registration hook: check a PSA head against the backbone (or PSANeck) before it.
-
-    A cascade segmentor (OCRNet's ``CascadeEncoderDecoder``) assigns an empty
-    ``nn.ModuleList`` and appends its heads to it: the list keeps the segmentor's input
-    channels (plain data, :data:`_HEAD_INPUTS`) for the heads appended to it.
-    """
-    if isinstance(parent, nn.ModuleList):
-        inputs = getattr(parent, _HEAD_INPUTS, None)
-        if inputs is not None and isinstance(module, _PSAHeadMixin):
-            module.check_features(*inputs)
-        return None
-    if name not in ('decode_head', 'auxiliary_head'):
-        return None
-    if isinstance(module, nn.ModuleList):
-        inputs = _head_inputs(parent)
-        if inputs is not None:
-            setattr(module, _HEAD_INPUTS, inputs)
-            for head in module:
-                _check_head_on_assign(module, '', head)
-    elif isinstance(module, _PSAHeadMixin):
-        inputs = _head_inputs(parent)
-        if inputs is not None:
-            module.check_features(*inputs)
-    return None
-
-
-register_module_module_registration_hook(_check_head_on_assign)

@@ -32,11 +32,25 @@ def normalise(name: str) -> str:
     return re.sub(r'[-_.]+', '-', name).lower()
 
 
+def _vendored(dist: metadata.Distribution) -> bool:
+    """A copy another package ships inside itself (``setuptools/_vendor``), not an install.
+
+    Importing ``pkg_resources`` (mmengine and mim do) puts ``setuptools/_vendor`` on
+    ``sys.path``, so those copies became visible inside training jobs and not outside: the
+    same venv hashed two ways (``83351a…`` in jobs, the lock's ``26764f…`` outside).
+    """
+    path = getattr(dist, '_path', None)
+    return path is not None and '_vendor' in Path(str(path)).parts
+
+
 def installed_packages() -> List[str]:
-    """``name==version`` of every distribution importable here but mmpsa itself, sorted
-    (``pip freeze``'s set, names normalised; a package found twice counts once)."""
+    """``name==version`` of every distribution installed here but mmpsa itself, sorted
+    (``pip freeze``'s set, names normalised; a package found twice counts once; copies
+    vendored inside another package are not installs)."""
     seen = {}
     for dist in metadata.distributions():
+        if _vendored(dist):
+            continue
         name = normalise(dist.metadata.get('Name') or '')
         if name and name not in seen and name not in NOT_LOCKED:
             seen[name] = dist.version

@@ -12,6 +12,7 @@ from mmpose.registry import MODELS
 
 import mmpsa  # noqa: F401  (registers)
 from mmpsa.layers import PolarizedSelfAttention
+from mmpsa.necks import check_feature_channels
 
 init_default_scope('mmpose')
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -188,7 +189,9 @@ def test_neck_level_count_mismatch_names_in_channels():
     cfg = _tiny_model_cfg()
     cfg.neck = dict(type='PSANeck', in_channels=[16, 32])
     with pytest.raises(ValueError, match='in_channels has 2 levels but the backbone'):
-        _dry_run(MODELS.build(cfg))  # fails in the build already
+        check_feature_channels(MODELS.build(cfg))  # as mmpsa's tools build it
+    with pytest.raises(ValueError, match='in_channels has 2 levels but the input returns 1'):
+        _dry_run(MODELS.build(cfg))  # a plain build: the first forward
 
 
 def test_neck_channel_mismatch_names_in_channels():
@@ -196,6 +199,9 @@ def test_neck_channel_mismatch_names_in_channels():
     cfg.neck = dict(type='PSANeck', in_channels=[32])
     with pytest.raises(
             ValueError, match=r'in_channels does not match the backbone.*got in_channels=\[32\]'):
+        check_feature_channels(MODELS.build(cfg))
+    with pytest.raises(
+            ValueError, match=r'in_channels does not match the input.*got in_channels=\[32\]'):
         _dry_run(MODELS.build(cfg))
 
 

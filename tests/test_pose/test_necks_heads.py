@@ -10,6 +10,7 @@ from mmpose.registry import MODELS
 
 import mmpsa  # noqa: F401  (registers)
 from mmpsa.layers import PolarizedSelfAttention
+from mmpsa.necks import check_feature_channels
 from mmpsa.pose.heads import PSAHeatmapHead
 
 init_default_scope('mmpose')
@@ -139,7 +140,7 @@ def test_head_survives_deepcopy():
     torch.testing.assert_close(twin(feats), ours(feats))
 
 
-# ---- cross-module mismatches fail when the pose estimator is built (not at the first forward)
+# ---- cross-module mismatches: found by check_feature_channels (mmpsa's build paths run it)
 
 
 def _tiny_estimator_cfg() -> dict:
@@ -152,7 +153,7 @@ def test_head_in_channels_mismatch_fails_at_build_naming_it():
     cfg = _tiny_estimator_cfg()  # tiny HRNet: one 16-channel output
     cfg['head'].update(type='PSAHeatmapHead', in_channels=24, psa=dict(mode='parallel'))
     with pytest.raises(ValueError, match=r'PSAHeatmapHead: in_channels=24 .*got 16'):
-        POSE_MODELS.build(cfg)
+        check_feature_channels(POSE_MODELS.build(cfg))
     cfg['head']['in_channels'] = 16
     assert POSE_MODELS.build(cfg).head.psa is not None
 
@@ -162,11 +163,11 @@ def test_neck_level_count_mismatch_fails_at_build_naming_it():
     cfg = _tiny_estimator_cfg()
     cfg['neck'] = dict(type='PSANeck', in_channels=[16, 32])
     with pytest.raises(ValueError, match=r'PSANeck: in_channels has 2 levels but the backbone'):
-        POSE_MODELS.build(cfg)
+        check_feature_channels(POSE_MODELS.build(cfg))
     cfg['neck'] = dict(type='PSANeck', in_channels=[16])
     cfg['head'].update(type='PSAHeatmapHead', in_channels=8)
-    with pytest.raises(ValueError, match=r'in_channels=8 does not match the PSANeck'):
-        POSE_MODELS.build(cfg)
+    with pytest.raises(ValueError, match=r'in_channels=8 does not match the neck \(PSANeck\)'):
+        check_feature_channels(POSE_MODELS.build(cfg))
 
 
 @pytest.mark.parametrize('depth, out_indices', [(18, (3, )), (50, (0, 1, 2, 3))])

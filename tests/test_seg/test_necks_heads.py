@@ -1,6 +1,6 @@
-"""The PSA decode heads (stock when off, the block where documented) and the build-time
-checks of PSANeck and the heads against the backbone, in mmseg's scope; PSANeck itself:
-tests/test_necks.py."""
+"""The PSA decode heads (stock when off, the block where documented) and the channel checks of
+PSANeck and the heads against the backbone (``check_feature_channels``, which mmpsa's build
+paths run, and the first forward), in mmseg's scope; PSANeck itself: tests/test_necks.py."""
 import copy
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from mmseg.models.decode_heads import DepthwiseSeparableASPPHead, FCNHead, OCRHe
 from mmseg.registry import MODELS
 
 from mmpsa.layers import PolarizedSelfAttention
+from mmpsa.necks import check_feature_channels
 from mmpsa.seg.heads import PSAFCNHead, PSAOCRHead, PSASepASPPHead
 from mmpsa.seg.necks import PSANeck
 
@@ -166,7 +167,7 @@ def test_psa_neck_not_matching_the_backbone_fails_at_build(in_channels, match):
     model = _tiny_model(HR)
     model.neck = dict(type='PSANeck', in_channels=in_channels)
     with pytest.raises(ValueError, match=match):
-        MODELS.build(model)
+        check_feature_channels(MODELS.build(model))
 
 
 @pytest.mark.parametrize('change, match', [
@@ -175,10 +176,14 @@ def test_psa_neck_not_matching_the_backbone_fails_at_build(in_channels, match):
     (dict(c1_in_channels=8), 'c1_in_channels does not match.*16 channels'),
 ])
 def test_psa_head_not_matching_the_backbone_fails_at_build(change, match):
+    """As mmpsa's build paths check it, and at the first forward of a plain build."""
     model = _tiny_model(DL)
     model.decode_head.update(type='PSASepASPPHead', psa=dict(mode='parallel'), **change)
     with pytest.raises(ValueError, match=match):
-        MODELS.build(model)
+        check_feature_channels(MODELS.build(model))
+    seg = MODELS.build(model).eval()
+    with pytest.raises(ValueError, match=match):
+        seg(torch.randn(1, 3, 64, 128), mode='tensor')
 
 
 def test_psa_head_after_a_psa_neck_is_checked_against_the_neck():
@@ -187,7 +192,7 @@ def test_psa_head_after_a_psa_neck_is_checked_against_the_neck():
     model.decode_head.update(
         type='PSAFCNHead', psa=dict(mode='parallel'), in_channels=[8, 16, 32, 72])
     with pytest.raises(ValueError, match=r'in_channels does not match the neck.*\[8, 16, 32, 64\]'):
-        MODELS.build(model)
+        check_feature_channels(MODELS.build(model))
     model.decode_head.in_channels = [8, 16, 32, 64]
     seg = MODELS.build(model).eval()
     assert isinstance(seg.neck, PSANeck) and isinstance(seg.decode_head.psa, PolarizedSelfAttention)
@@ -206,7 +211,7 @@ def test_unknown_psa_key_in_a_config_fails_at_build_naming_it():
 
 
 def test_psa_ocr_cascade_head_not_matching_the_backbone_fails_at_build():
-    """OCRNet's CascadeEncoderDecoder appends its heads to a list: checked at build too."""
+    """OCRNet's CascadeEncoderDecoder appends its heads to a list: each is checked."""
     model = _tiny_model(HR)
     head = dict(
         in_index=(0, 1, 2, 3),
@@ -233,7 +238,7 @@ def test_psa_ocr_cascade_head_not_matching_the_backbone_fails_at_build():
             **head),
     ]
     with pytest.raises(ValueError, match=r'PSAOCRHead: in_channels does not match the backbone'):
-        MODELS.build(model)
+        check_feature_channels(MODELS.build(model))
     model.decode_head[1].in_channels = [8, 16, 32, 64]
     seg = MODELS.build(model).eval()
     assert seg(torch.randn(1, 3, 64, 128), mode='tensor').shape == (1, 19, 16, 32)

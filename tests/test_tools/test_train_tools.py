@@ -286,3 +286,17 @@ def test_mim_train_uses_the_runtime_base(seg_cfg, tmp_path):
     assert ckpt['message_hub']['runtime_info']['rng_states']['iter'] == 1
     assert "type='ExactResumeIterBasedTrainLoop'" in ''.join(p.read_text()
                                                              for p in work_dir.rglob('*.log'))
+
+
+def test_the_train_tool_names_a_head_mismatch_when_it_builds_the_model(seg_cfg, tmp_path):
+    """No global hook checks a plain build (mmpsa/__init__); the tools' runner checks the PSA
+    necks and heads once it has built the model, before any data is loaded."""
+    cfg = load_config(str(seg_cfg))
+    cfg.work_dir = str(tmp_path / 'w')
+    channels = cfg.model.decode_head.in_channels
+    cfg.model.decode_head.update(
+        type='PSAFCNHead',
+        psa=dict(mode='parallel'),
+        in_channels=channels[:-1] + [channels[-1] + 8])
+    with pytest.raises(ValueError, match=r'in_channels does not match the backbone'):
+        build_runner(cfg)
