@@ -1,10 +1,13 @@
 """Fixtures shared by the tool, engine and backbone tests."""
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 import torch
@@ -24,6 +27,24 @@ def load_tool() -> Callable[[str], ModuleType]:
         return module
 
     return load
+
+
+@pytest.fixture(scope='session')
+def python_json() -> Callable[..., dict]:
+    """``python_json(code, env=None)``: run ``code`` in a fresh interpreter (cwd: the
+    checkout) and return the JSON object it prints last; its stderr on failure."""
+
+    def run(code: str, env: Optional[Dict[str, str]] = None) -> dict:
+        proc = subprocess.run([sys.executable, '-W', 'ignore', '-c', code],
+                              cwd=REPO,
+                              env=env,
+                              capture_output=True,
+                              text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 @pytest.fixture(scope='module')

@@ -2,14 +2,7 @@
 
 Each check runs in a fresh interpreter, so what earlier tests imported cannot hide an effect.
 """
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 #: Torch's process-wide module hooks: a plugin must leave every one of them as it found it.
 TORCH_GLOBAL_HOOKS = r'''
@@ -57,29 +50,19 @@ print(json.dumps(dict(
 '''
 
 
-def _python(code: str) -> dict:
-    done = subprocess.run([sys.executable, '-c', code],
-                          cwd=REPO,
-                          capture_output=True,
-                          text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_import_leaves_torch_global_module_hooks_unchanged():
-    seen = _python(TORCH_GLOBAL_HOOKS)
+def test_import_leaves_torch_global_module_hooks_unchanged(python_json):
+    seen = python_json(TORCH_GLOBAL_HOOKS)
     assert seen['n'] >= 4, seen  # the forward/backward/registration hook dicts were found
     assert seen['after'] == seen['before'], seen
 
 
-def test_a_stock_mmseg_model_builds_and_runs_the_same_with_and_without_mmpsa():
-    without = _python(STOCK_MODEL.replace('IMPORT', 'pass'))
-    with_mmpsa = _python(STOCK_MODEL.replace('IMPORT', 'import mmpsa  # noqa: F401'))
+def test_a_stock_mmseg_model_builds_and_runs_the_same_with_and_without_mmpsa(python_json):
+    without = python_json(STOCK_MODEL.replace('IMPORT', 'pass'))
+    with_mmpsa = python_json(STOCK_MODEL.replace('IMPORT', 'import mmpsa  # noqa: F401'))
     assert with_mmpsa == without  # keys, module types, outputs and gradients, bit for bit
 
 
-def test_the_global_effects_are_the_documented_ones():
+def test_the_global_effects_are_the_documented_ones(python_json):
     """Items 2-5 of ``mmpsa/__init__``'s list, each seen in a fresh process."""
     code = r'''
 import json
@@ -98,7 +81,7 @@ print(json.dumps(dict(
                            if schemes.get(k) is not v),
     safe_added=None if safe is None else len(set(map(str, get_safe())) - safe))))
 '''
-    seen = _python(code)
+    seen = python_json(code)
     assert seen['cfg_path_wrapped']
     assert seen['new_backends'] == ['mmpsa_atomic_local']
     from mmpsa.checkpoint.door import DOOR_SCHEMES

@@ -4,9 +4,6 @@ Each check runs in a fresh interpreter in which the OpenMMLab libraries and Open
 imported (``sys.modules[name] = None`` makes ``import name`` raise), as on a bare GPU machine
 that has only torch, triton and timm.
 """
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -71,17 +68,9 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.fixture(scope='module')
-def isolated_report():
+def isolated_report(python_json):
     env = {'TRITON_INTERPRET': '1', 'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'}
-    proc = subprocess.run([sys.executable, '-W', 'ignore', '-c',
-                           SCRIPT.format(blocked=BLOCKED)],
-                          cwd=REPO,
-                          env=env,
-                          capture_output=True,
-                          text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return python_json(SCRIPT.format(blocked=BLOCKED), env)
 
 
 def test_layer_imports_and_runs_without_the_openmmlab_libraries(isolated_report):
