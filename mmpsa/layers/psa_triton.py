@@ -164,6 +164,41 @@ def _pool_kernel(x_ptr, wq_ptr, r_ptr, m_ptr, den_ptr, xe_ptr, xs_ptr, B, C, N, 
 
 
 @triton.jit
+def _recip(x):
+    """``1 / x`` for ``x`` positive and normal (or +inf, NaN). In fp64 without a division: an
+    IEEE fp64 division (and square root) compiles to an inline fast path and a call to a
+    slow-path subroutine, and what is live across a call site is spilled. ``x = m 2^e`` with
+    ``m`` in [1, 2): fp32's reciprocal of ``m`` and two Newton steps (relative error below
+    2^-60, then rounding), times ``2^-e`` (exact)."""
+    if x.dtype == tl.float64:
+        bits = x.to(tl.int64, bitcast=True)
+        e = (bits >> 52) & 0x7FF
+        m = ((bits & 0xFFFFFFFFFFFFF) | (1023 << 52)).to(tl.float64, bitcast=True)
+        r = (1.0 / m.to(tl.float32)).to(tl.float64)
+        r = r * (2.0 - m * r)
+        r = r * (2.0 - m * r)
+        r = r * ((2046 - tl.minimum(e, 2045)) << 52).to(tl.float64, bitcast=True)
+        return tl.where(e == 0x7FF, tl.where(x == x, 0.0, x), tl.where(e >= 2046, 0.0, r))
+    return 1.0 / x
+
+
+@triton.jit
+def _rsqrt(x):
+    """``1 / sqrt(x)`` for ``x`` positive and normal; in fp64 without a square root or a
+    division (:func:`_recip`): ``x = m 4^j`` with ``m`` in [1, 4), fp32's ``rsqrt(m)`` and two
+    Newton steps, times ``2^-j``."""
+    if x.dtype == tl.float64:
+        bits = x.to(tl.int64, bitcast=True)
+        k = ((bits >> 52) & 0x7FF) - 1023
+        m = ((bits & 0xFFFFFFFFFFFFF) | ((1023 + (k & 1)) << 52)).to(tl.float64, bitcast=True)
+        r = tl.math.rsqrt(m.to(tl.float32)).to(tl.float64)
+        r = r * (1.5 - 0.5 * m * r * r)
+        r = r * (1.5 - 0.5 * m * r * r)
+        return r * ((1023 - (k >> 1)) << 52).to(tl.float64, bitcast=True)
+    return 1.0 / tl.sqrt(x)
+
+
+@triton.jit
 def _layout(C, H, Z):
     """Where each per-sample vector lies in a row of the forward's vectors (``(B, V)``,
     :func:`_widths`): ``X p``, ``GP(X)``, ``a_ch``, ``u``, ``u0 = W_sv^T s`` (C each); ``sq``,
@@ -198,12 +233,12 @@ def _put(ptr, v, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _linear(w_ptr, x, b_ptr, y_ptr, R, K, HAS_B: tl.constexpr, ACC: tl.constexpr,
-            BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+            BLOCK_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """``y = W x + b`` for ``W`` ``(R, K)`` (contiguous) and ``x`` a ``(BLOCK_K, )`` vector:
     ``ROWS`` rows of ``W`` at a time, each block of ``y`` stored at ``y_ptr`` (a caller reads
     ``y`` back after a :func:`tl.debug_barrier`)."""
     offs_k = tl.arange(0, BLOCK_K)
-    for r0 in range(0, R, ROWS):
+    for r0 in range(0, BLOCK_R, ROWS):
         offs_r = r0 + tl.arange(0, ROWS)
         mask_r = offs_r < R
         w = tl.load(
@@ -218,14 +253,15 @@ def _linear(w_ptr, x, b_ptr, y_ptr, R, K, HAS_B: tl.constexpr, ACC: tl.constexpr
 
 @triton.jit
 def _linear_grad(w_ptr, dy_ptr, x, gw_ptr, gb_ptr, R, K, WANT_GW: tl.constexpr, HAS_B: tl.constexpr,
-                 ACC: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+                 ACC: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
     """The backward of ``y = W x + b`` (``W`` ``(R, K)``) for ``dy`` at ``dy_ptr``: with
     ``WANT_GW`` ``dW = dy x^T`` stored at ``gw_ptr`` and ``db = dy`` at ``gb_ptr`` (this
     sample's share); returns ``dx = W^T dy`` ``(BLOCK_K, )``."""
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     dx = tl.zeros((BLOCK_K, ), ACC)
-    for r0 in range(0, R, ROWS):
+    for r0 in range(0, BLOCK_R, ROWS):
         offs_r = r0 + tl.arange(0, ROWS)
         mask_r = offs_r < R
         mask = mask_r[:, None] & mask_k[None, :]
@@ -276,47 +312,51 @@ def _vector_kernel(m_ptr, den_ptr, xe_ptr, xs_ptr, wv_ptr, bv_ptr, wz_ptr, bz_pt
         den += tl.load(den_ptr + k * B + b) * scale
         xe += _vector(xe_ptr + (k * B + b) * C, C, BLOCK_C, ACC) * scale
         xs += _vector(xs_ptr + (k * B + b) * C, C, BLOCK_C, ACC)
-    xp = xe / den
-    g = xs / N  # in ACC (fp64 stays fp64)
+    xp = xe * _recip(den)
+    g = xs * _recip(N.to(ACC))  # in ACC (fp64 stays fp64)
     _put(row + o_xp, xp, C, BLOCK_C)
     _put(row + o_g, g, C, BLOCK_C)
     tl.store(row + o_m, m)
     tl.store(row + o_m + 1, den)
     # the channel branch
-    _linear(wv_ptr, xp, bv_ptr, row + o_v, H, C, HAS_BV, ACC, BLOCK_C, ROWS_C)
+    _linear(wv_ptr, xp, bv_ptr, row + o_v, H, C, HAS_BV, ACC, BLOCK_C, ROWS_C, BLOCK_H)
     tl.debug_barrier()
     v = _vector(row + o_v, H, BLOCK_H, ACC)
-    _linear(wz_ptr, v, bz_ptr, row + o_z, Z, H, HAS_BZ, ACC, BLOCK_H, ROWS_H)
+    _linear(wz_ptr, v, bz_ptr, row + o_z, Z, H, HAS_BZ, ACC, BLOCK_H, ROWS_H, BLOCK_Z)
     tl.debug_barrier()
     z = _vector(row + o_z, Z, BLOCK_Z, ACC)
     if HAS_LN:
         mask_z = tl.arange(0, BLOCK_Z) < Z
-        d = tl.where(mask_z, z - tl.sum(z, axis=0) / Z, 0.0)
-        eps = eps_num.to(ACC) / eps_den.to(ACC)
-        z = d / tl.sqrt(tl.sum(d * d, axis=0) / Z + eps) * _vector(lnw_ptr, Z, BLOCK_Z, ACC)
+        inv_z = _recip(Z.to(ACC))
+        d = tl.where(mask_z, z - tl.sum(z, axis=0) * inv_z, 0.0)
+        eps = eps_num.to(ACC) * _recip(eps_den.to(ACC))
+        z = d * _rsqrt(tl.sum(d * d, axis=0) * inv_z + eps) * _vector(lnw_ptr, Z, BLOCK_Z, ACC)
         if HAS_LNB:
             z += _vector(lnb_ptr, Z, BLOCK_Z, ACC)
     _put(row + o_zo, z, Z, BLOCK_Z)
     if HAS_Z2:
         _linear(wz2_ptr, tl.maximum(z, 0.0), bz2_ptr, row + o_ach, C, Z, HAS_BZ2, ACC, BLOCK_Z,
-                ROWS_Z)
+                ROWS_Z, BLOCK_C)
         tl.debug_barrier()
         zf = _vector(row + o_ach, C, BLOCK_C, ACC)
     else:
         zf = z  # Z = C
-    a_ch = 1.0 / (1.0 + tl.exp(-zf))
+    a_ch = _recip(1.0 + tl.exp(-zf))
     tl.debug_barrier()
     _put(row + o_ach, a_ch, C, BLOCK_C)
     _put(ach_ptr + b * C, a_ch, C, BLOCK_C)
-    # the spatial query and vector
+    # the spatial query and vector (g, and a_ch after this, read back: vectors kept live from
+    # the top, across the loops over the weights, spilled)
+    g = _vector(row + o_g, C, BLOCK_C, ACC)
     if SEQ:
         q = g * a_ch
     else:
         q = g
-    _linear(wsq_ptr, q, bsq_ptr, row + o_sq, H, C, HAS_BSQ, ACC, BLOCK_C, ROWS_C)
+    _linear(wsq_ptr, q, bsq_ptr, row + o_sq, H, C, HAS_BSQ, ACC, BLOCK_C, ROWS_C, BLOCK_H)
     tl.debug_barrier()
+    a_ch = _vector(row + o_ach, C, BLOCK_C, ACC)
     if DENSE:  # W_sv diag(a_ch), in the input's dtype, for PSA_s's GEMMs
-        for r0 in range(0, H, ROWS_C):
+        for r0 in range(0, BLOCK_H, ROWS_C):
             offs_r = r0 + tl.arange(0, ROWS_C)
             mask = (offs_r < H)[:, None] & mask_c[None, :]
             tile = offs_r[:, None] * C + offs_c[None, :]
@@ -328,19 +368,19 @@ def _vector_kernel(m_ptr, den_ptr, xe_ptr, xs_ptr, wv_ptr, bv_ptr, wz_ptr, bz_pt
             mask_h = tl.arange(0, BLOCK_H) < H
             e = tl.where(mask_h, tl.exp(sq - tl.max(tl.where(mask_h, sq, float('-inf')), axis=0)),
                          0.0)
-            s = e / tl.sum(e, axis=0)
+            s = e * _recip(tl.sum(e, axis=0))
             _put(row + o_s, s, H, BLOCK_H)
             if HAS_BSV:
                 tl.store(row + o_m + 2, tl.sum(s * _vector(bsv_ptr, H, BLOCK_H, ACC), axis=0))
             tl.debug_barrier()
             u = _linear_grad(wsv_ptr, row + o_s, xp, wsv_ptr, wsv_ptr, H, C, False, False, ACC,
-                             BLOCK_C, ROWS_C)  # W_sv^T s
+                             BLOCK_C, ROWS_C, BLOCK_H)  # W_sv^T s
             _put(row + o_u0, u, C, BLOCK_C)
             if SEQ:
                 u = u * a_ch
         else:
             u = _linear_grad(wsv_ptr, row + o_sq, xp, wsv_ptr, wsv_ptr, H, C, False, False, ACC,
-                             BLOCK_C, ROWS_C)  # W_sv^T sq
+                             BLOCK_C, ROWS_C, BLOCK_H)  # W_sv^T sq
         _put(row + o_u, u, C, BLOCK_C)
 
 
@@ -542,12 +582,10 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
             s_sum += tl.load(dsps_ptr + k * B + b)
         if HAS_SM:
             p2 += _vector(p2_ptr + out, C, BLOCK_C, ACC)
-    xp = _vector(row + o_xp, C, BLOCK_C, ACC)
-    g = _vector(row + o_g, C, BLOCK_C, ACC)
     a_ch = _vector(row + o_ach, C, BLOCK_C, ACC)
     # the spatial branch: d sq
     if DENSE:  # wva = W_sv diag(a_ch); d sq is the dense kernel's
-        for r0 in range(0, H, ROWS_C):
+        for r0 in range(0, BLOCK_H, ROWS_C):
             offs_r = r0 + tl.arange(0, ROWS_C)
             mask = (offs_r < H)[:, None] & mask_c[None, :]
             tile = offs_r[:, None] * C + offs_c[None, :]
@@ -560,7 +598,7 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
             dach += du * _vector(row + o_u0, C, BLOCK_C, ACC)
             du = du * a_ch
         # d W_sv = s du^T, d s = W_sv du (+ d bias b_sv)
-        for r0 in range(0, H, ROWS_C):
+        for r0 in range(0, BLOCK_H, ROWS_C):
             offs_r = r0 + tl.arange(0, ROWS_C)
             mask_r = offs_r < H
             mask = mask_r[:, None] & mask_c[None, :]
@@ -578,7 +616,7 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
         _put(grow + o_dsq, s * (ds - tl.sum(s * ds, axis=0)), H, BLOCK_H)
     else:  # official PSA_p: u = W_sv^T sq; the logits' gradient dsp - S sm
         du = p1 - s_sum * p2
-        for r0 in range(0, H, ROWS_C):
+        for r0 in range(0, BLOCK_H, ROWS_C):
             offs_r = r0 + tl.arange(0, ROWS_C)
             mask_r = offs_r < H
             mask = mask_r[:, None] & mask_c[None, :]
@@ -587,16 +625,24 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
             tl.store(gp + o_wsv + tile, sq[:, None] * du[None, :], mask=mask)
             w = tl.load(wsv_ptr + tile, mask=mask, other=0.0).to(ACC)
             tl.store(grow + o_dsq + offs_r, tl.sum(w * du[None, :], axis=1), mask=mask_r)
+    # the vectors are read back where they are needed and, for vectors of 1 KiB or more, dach
+    # parked in the (still unused) dzf slot: vectors kept live across the loops over the
+    # weights spilled
+    if BLOCK_C * ACC.primitive_bitwidth >= 8192:
+        _put(grow + o_dzf, dach, C, BLOCK_C)
     tl.debug_barrier()
     # sq = W_sq q + b_sq, q = GP (times a_ch, sequential)
     if SEQ:
-        q = g * a_ch
+        q = _vector(row + o_g, C, BLOCK_C, ACC) * _vector(row + o_ach, C, BLOCK_C, ACC)
     else:
-        q = g
+        q = _vector(row + o_g, C, BLOCK_C, ACC)
     dq = _linear_grad(wsq_ptr, grow + o_dsq, q, gp + o_wsq, gp + o_bsq, H, C, True, HAS_BSQ, ACC,
-                      BLOCK_C, ROWS_C)
+                      BLOCK_C, ROWS_C, BLOCK_H)
+    a_ch = _vector(row + o_ach, C, BLOCK_C, ACC)
+    if BLOCK_C * ACC.primitive_bitwidth >= 8192:
+        dach = _vector(grow + o_dzf, C, BLOCK_C, ACC)
     if SEQ:
-        dach += dq * g
+        dach += dq * _vector(row + o_g, C, BLOCK_C, ACC)
         dq = dq * a_ch
     _put(grow + o_dg, dq, C, BLOCK_C)
     # the channel branch
@@ -606,29 +652,31 @@ def _vector_grad_kernel(dach_ptr, p1_ptr, p2_ptr, dsps_ptr, dwva_ptr, wv_ptr, wz
         _put(grow + o_dzf, dz, C, BLOCK_C)
         tl.debug_barrier()
         dz = _linear_grad(wz2_ptr, grow + o_dzf, tl.maximum(zo, 0.0), gp + o_wz2, gp + o_bz2, C, Z,
-                          True, HAS_BZ2, ACC, BLOCK_Z, ROWS_Z)
+                          True, HAS_BZ2, ACC, BLOCK_Z, ROWS_Z, BLOCK_C)
         dz = tl.where(zo > 0, dz, 0.0)
     if HAS_LN:
         mask_z = tl.arange(0, BLOCK_Z) < Z
         z = _vector(row + o_z, Z, BLOCK_Z, ACC)
-        d = tl.where(mask_z, z - tl.sum(z, axis=0) / Z, 0.0)
-        eps = eps_num.to(ACC) / eps_den.to(ACC)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / Z + eps)
+        inv_z = _recip(Z.to(ACC))
+        d = tl.where(mask_z, z - tl.sum(z, axis=0) * inv_z, 0.0)
+        eps = eps_num.to(ACC) * _recip(eps_den.to(ACC))
+        rstd = _rsqrt(tl.sum(d * d, axis=0) * inv_z + eps)
         zn = d * rstd
         _put(gp + o_lnw, dz * zn, Z, BLOCK_Z)
         if HAS_LNB:
             _put(gp + o_lnb, dz, Z, BLOCK_Z)
         dzn = dz * _vector(lnw_ptr, Z, BLOCK_Z, ACC)
-        dz = rstd * (dzn - tl.sum(dzn, axis=0) / Z - zn * (tl.sum(dzn * zn, axis=0) / Z))
+        dz = rstd * (dzn - tl.sum(dzn, axis=0) * inv_z - zn * (tl.sum(dzn * zn, axis=0) * inv_z))
     _put(grow + o_dz, dz, Z, BLOCK_Z)
     tl.debug_barrier()
     v = _vector(row + o_v, H, BLOCK_H, ACC)
     dv = _linear_grad(wz_ptr, grow + o_dz, v, gp + o_wz, gp + o_bz, Z, H, True, HAS_BZ, ACC,
-                      BLOCK_H, ROWS_H)
+                      BLOCK_H, ROWS_H, BLOCK_Z)
     _put(grow + o_dv, dv, H, BLOCK_H)
     tl.debug_barrier()
+    xp = _vector(row + o_xp, C, BLOCK_C, ACC)
     dxp = _linear_grad(wv_ptr, grow + o_dv, xp, gp + o_wv, gp + o_bv, H, C, True, HAS_BV, ACC,
-                       BLOCK_C, ROWS_C)
+                       BLOCK_C, ROWS_C, BLOCK_H)
     _put(grow + o_dxp, dxp, C, BLOCK_C)
     # the scalars last: a scalar store's predicate (one thread) kept live from the top spilled
     tl.store(grow + o_c0, tl.sum(dxp * xp, axis=0))

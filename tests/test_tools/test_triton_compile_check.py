@@ -48,6 +48,24 @@ def test_runtime_tiles_do_not_spill_on_sm90():
     assert len(spills) == 2 * total and not any(spills)
 
 
+def test_per_sample_vector_kernels_do_not_spill_in_fp64():
+    # cases that spilled before (issue #27): the per-sample vector kernels in fp64, the paper
+    # variant's backward at C=64 (parallel) and official PSA_s's forward at C=192 (sequential),
+    # where values live across fp64 division / square root slow-path calls, loop guards and
+    # vectors kept live from the top were spilled
+    done = _run('--dtypes', 'fp64', '--shapes', '2x64x12x9', '2x192x12x9', '--variants',
+                'paper-parallel', 'official-sequential')
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith(('ok', 'SPILLS'))]
+    total = int(re.search(r'(\d+) distinct launches', done.stdout).group(1))
+    assert len(lines) == total and f'{total}/{total} compiled for sm_90, 0 spilling' in done.stdout
+    for kernel, flags, block_c in (('_vector_grad_kernel', 'PAPER=True SEQ=False', 64),
+                                   ('_vector_kernel', 'PAPER=False SEQ=True', 256)):
+        assert any(f'{kernel} x=? {flags} ' in line and 'ACC=fp64' in line
+                   and f'BLOCK_C={block_c} ' in line and 'spill_stores=0 spill_loads=0' in line
+                   for line in lines), (kernel, flags, block_c)
+
+
 def test_refuses_the_interpreter():
     done = _run(interpret=True)
     assert done.returncode == 2 and 'TRITON_INTERPRET=1' in done.stderr
