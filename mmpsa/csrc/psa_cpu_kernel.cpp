@@ -8,7 +8,8 @@
 // gradients are summed over the batch in loops. Only the softmax/sigmoid over pixels
 // call ATen (its SIMD exp). Taken for contiguous CPU inputs that fill the threads or are
 // small (use_cpu_kernel); forward_pp/backward_pp serve every other input, device and
-// layout. The tests run both against the literal form.
+// layout. The tests run both against the literal form. Official PSA_s has its own
+// evaluation at the end of this file (forward_s_cpu/backward_s_cpu), taken by the same rule.
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
@@ -501,6 +502,411 @@ Backward backward_pp_cpu(bool paper, bool seq, const variable_list& sv, const PS
     sum(gr.sp_bq, rd + rds, nullptr, c2);
     outer(gr.sp_wv, bd + lay.s, rd + rdue, c2, c);
     sum(gr.sp_bv, bd + lay.s, rd + rdc, c2);
+  });
+  return r;
+}
+
+
+// ---------------------------------------------------------------------- official PSA_s
+// The maths of forward_s / backward_s (psa_official_s.cpp) for contiguous CPU inputs: the
+// per-sample vector maths and the passes over X and over the (C/2, HW) tensor in loops
+// (one sample per thread), and only the (C/2, HW) part's GEMMs with W_v diag(a_ch) (one
+// in forward, three in backward) and its softmax over pixels (one each) as batched ATen
+// ops (MKL's GEMM and ATen's SIMD softmax; ~6 ATen calls a step instead of ~70).
+namespace cpu {
+
+// Official PSA_s's parameters in the accumulation type (contiguous) and its shape; absent
+// ones null. conv_up = (w1, b1) -> LayerNorm(gamma, beta) over C/8 -> ReLU -> (w2, b2).
+template <typename T>
+struct BlockS {
+  const T *wq, *wv, *bv, *w1, *b1, *gamma, *beta, *w2, *b2, *wsq, *bsq, *wsv;
+  int64_t c, c2, c8, n;
+  T eps;
+};
+
+template <typename T>
+BlockS<T> make_block_s(const PSAParams& prm, int64_t c, int64_t n) {
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
+  BlockS<T> k{};
+  k.wq = ptr(prm.ch_wq), k.wv = ptr(prm.ch_wv), k.bv = ptr(prm.ch_bv);
+  k.w1 = ptr(prm.ch_wz), k.b1 = ptr(prm.ch_bz), k.gamma = ptr(prm.ch_ln_w);
+  k.beta = ptr(prm.ch_ln_b), k.w2 = ptr(prm.ch_wz2), k.b2 = ptr(prm.ch_bz2);
+  k.wsq = ptr(prm.sp_wq), k.bsq = ptr(prm.sp_bq), k.wsv = ptr(prm.sp_wv);
+  k.c = c, k.c2 = c / 2, k.c8 = prm.ch_wz.size(0), k.n = n;
+  k.eps = static_cast<T>(prm.ln_eps);
+  return k;
+}
+
+// wva = W_v diag(a_ch): (C/2, C).
+template <typename T>
+void fold_a_ch(const BlockS<T>& k, const T* a_ch, T* wva) {
+  for (int64_t j = 0; j < k.c2; ++j) {
+    const T* w = k.wsv + j * k.c;
+    T* o = wva + j * k.c;
+#pragma omp simd
+    for (int64_t c = 0; c < k.c; ++c) o[c] = w[c] * a_ch[c];
+  }
+}
+
+// Forward of one sample up to the spatial softmax: the channel branch (a_ch), the
+// spatial query avg = W_q GP(a_ch X) + b_q and wva. x (C, N).
+template <typename S, typename T>
+void forward_s_vectors(const BlockS<T>& k, const S* x, T* p, T* xp, T* g, T* v, T* z1,
+                       T* mu, T* rstd, T* r1, T* a_ch, T* avg, T* wva, T* tmp_c) {
+  const int64_t C = k.c, C2 = k.c2, C8 = k.c8, N = k.n;
+  // p = softmax(w_q^T X); X p and GP(X) in one pass
+  combine_rows(x, k.wq, T(0), p, C, N);
+  softmax_(p, N);
+  const T inv_n = T(1) / static_cast<T>(N);
+  for (int64_t c = 0; c < C; ++c) {
+    const S* row = x + c * N;
+    T sp = 0, sg = 0;
+#pragma omp simd reduction(+ : sp, sg)
+    for (int64_t i = 0; i < N; ++i) {
+      const T xv = static_cast<T>(row[i]);
+      sp += xv * p[i];
+      sg += xv;
+    }
+    xp[c] = sp, g[c] = sg * inv_n;
+  }
+  // a_ch = sigmoid(W2 relu(LN(W1 (W_v X p + b_v) + b1)) + b2)
+  matvec(k.wv, xp, k.bv, v, C2, C);
+  matvec(k.w1, v, k.b1, z1, C8, C2);
+  T m = 0;
+  for (int64_t i = 0; i < C8; ++i) m += z1[i];
+  m /= static_cast<T>(C8);
+  T var = 0;
+  for (int64_t i = 0; i < C8; ++i) var += (z1[i] - m) * (z1[i] - m);
+  const T rs = T(1) / std::sqrt(var / static_cast<T>(C8) + k.eps);
+  *mu = m, *rstd = rs;
+  for (int64_t i = 0; i < C8; ++i) {
+    const T ln = (z1[i] - m) * rs * k.gamma[i] + (k.beta ? k.beta[i] : T(0));
+    r1[i] = ln > T(0) ? ln : T(0);
+  }
+  matvec(k.w2, r1, k.b2, a_ch, C, C8);
+  for (int64_t c = 0; c < C; ++c) a_ch[c] = sigmoid(a_ch[c]);
+  // spatial branch on a_ch X
+  for (int64_t c = 0; c < C; ++c) tmp_c[c] = g[c] * a_ch[c];
+  matvec(k.wsq, tmp_c, k.bsq, avg, C2, C);
+  fold_a_ch(k, a_ch, wva);
+}
+
+// The rest of one sample's forward from T = softmax_HW(wva X) (C/2, N):
+// a_sp = sigmoid(avg^T T), out = X * a_ch * a_sp.
+template <typename S, typename T>
+void forward_s_output(const BlockS<T>& k, const S* x, const T* tt, const T* a_ch,
+                      const T* avg, T* a_sp, S* out) {
+  const int64_t C = k.c, C2 = k.c2, N = k.n;
+  std::fill(a_sp, a_sp + N, T(0));
+  for (int64_t j = 0; j < C2; ++j) {
+    const T* t = tt + j * N;
+    const T aj = avg[j];
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) a_sp[i] += aj * t[i];
+  }
+  for (int64_t i = 0; i < N; ++i) a_sp[i] = sigmoid(a_sp[i]);
+  for (int64_t c = 0; c < C; ++c) {
+    const S* row = x + c * N;
+    S* o = out + c * N;
+    const T ac = a_ch[c];
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) o[i] = static_cast<S>(static_cast<T>(row[i]) * ac * a_sp[i]);
+  }
+}
+
+// Backward, first pass of one sample: d(a_ch) from the output, dlg = d(avg^T T) and wva
+// (recomputed).
+template <typename S, typename T>
+void backward_s_first(const BlockS<T>& k, const S* x, const S* go, const T* a_ch,
+                      const T* a_sp, T* da_ch, T* dlg, T* wva) {
+  const int64_t C = k.c, N = k.n;
+  std::fill(dlg, dlg + N, T(0));  // d(a_sp) first
+  for (int64_t c = 0; c < C; ++c) {
+    const S* xr = x + c * N;
+    const S* gr = go + c * N;
+    const T ac = a_ch[c];
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < N; ++i) {
+      const T gx = static_cast<T>(gr[i]) * static_cast<T>(xr[i]);
+      acc += gx * a_sp[i];
+      dlg[i] += gx * ac;
+    }
+    da_ch[c] = acc;
+  }
+  for (int64_t i = 0; i < N; ++i) dlg[i] *= a_sp[i] * (T(1) - a_sp[i]);
+  fold_a_ch(k, a_ch, wva);
+}
+
+// From T (C/2, N) to d(theta) = diag(avg) (T * (dlg - T dlg)), in place; davg = T dlg.
+template <typename T>
+void backward_s_softmax(const BlockS<T>& k, T* tt, const T* dlg, const T* avg, T* davg) {
+  const int64_t C2 = k.c2, N = k.n;
+  for (int64_t j = 0; j < C2; ++j) {
+    T* t = tt + j * N;
+    T tq = 0;
+#pragma omp simd reduction(+ : tq)
+    for (int64_t i = 0; i < N; ++i) tq += t[i] * dlg[i];
+    davg[j] = tq;
+    const T aj = avg[j];
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) t[i] = aj * t[i] * (dlg[i] - tq);
+  }
+}
+
+// Per-sample rows of official PSA_s's backward that the cross-sample sums read.
+template <typename T>
+struct SampleGradsS {
+  T *da_ch, *dlg, *davg, *gs, *dz, *dz1, *dgamma, *dbeta, *dv, *dwq, *dqr_sum;
+};
+
+// Backward of one sample after dwva = d(theta) X^T (C/2, C): the rows of sg, and dx (C, N)
+// (if dx) but for its (W_v diag(a_ch))^T d(theta) term.
+template <typename S, typename T>
+void backward_s_rest(const BlockS<T>& k, const S* x, const S* go, S* dx, const T* p,
+                     const T* xp, const T* g, const T* z1, T mu, T rstd, const T* r1,
+                     const T* a_ch, const T* a_sp, const T* dwva, const SampleGradsS<T>& sg,
+                     T* dg, T* dxp, T* dr1, T* dqr) {
+  const int64_t C = k.c, C2 = k.c2, C8 = k.c8, N = k.n;
+  T* da_ch = sg.da_ch;
+  // d(a_ch) through wva = W_v diag(a_ch)
+  for (int64_t j = 0; j < C2; ++j) {
+    const T* d = dwva + j * C;
+    const T* w = k.wsv + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) da_ch[c] += d[c] * w[c];
+  }
+  // avg = W_q (g * a_ch) + b_q
+  matvec_t(k.wsq, sg.davg, dg, C2, C);  // d(GP(a_ch X))
+  for (int64_t c = 0; c < C; ++c) {
+    sg.gs[c] = g[c] * a_ch[c];
+    da_ch[c] += dg[c] * g[c];
+    dg[c] *= a_ch[c];
+  }
+  // channel branch: a_ch = sigmoid(W2 relu(LN(W1 v + b1)) + b2), v = W_v X p + b_v
+  T* dz = sg.dz;
+  for (int64_t c = 0; c < C; ++c) dz[c] = da_ch[c] * a_ch[c] * (T(1) - a_ch[c]);
+  matvec_t(k.w2, dz, dr1, C, C8);
+  for (int64_t i = 0; i < C8; ++i) {
+    if (r1[i] <= T(0)) dr1[i] = T(0);
+  }
+  T m1 = 0, m2 = 0;  // LayerNorm backward
+  for (int64_t i = 0; i < C8; ++i) {
+    const T xh = (z1[i] - mu) * rstd;
+    const T dxh = dr1[i] * k.gamma[i];
+    sg.dgamma[i] = dr1[i] * xh;
+    sg.dbeta[i] = dr1[i];
+    m1 += dxh;
+    m2 += dxh * xh;
+  }
+  m1 /= static_cast<T>(C8), m2 /= static_cast<T>(C8);
+  T* dz1 = sg.dz1;
+  for (int64_t i = 0; i < C8; ++i) {
+    const T xh = (z1[i] - mu) * rstd;
+    dz1[i] = rstd * (dr1[i] * k.gamma[i] - m1 - xh * m2);
+  }
+  matvec_t(k.w1, dz1, sg.dv, C8, C2);  // dv = W1^T dz1
+  matvec_t(k.wv, sg.dv, dxp, C2, C);   // dxp = W_v^T dv
+  combine_rows(x, dxp, T(0), dqr, C, N);  // dp = X^T dxp
+  softmax_backward_(dqr, p, N);
+  T qsum = 0;
+  for (int64_t i = 0; i < N; ++i) qsum += dqr[i];
+  *sg.dqr_sum = qsum;
+  for (int64_t c = 0; c < C; ++c) {  // w_q's gradient X dqr
+    const S* xr = x + c * N;
+    T aq = 0;
+#pragma omp simd reduction(+ : aq)
+    for (int64_t i = 0; i < N; ++i) aq += static_cast<T>(xr[i]) * dqr[i];
+    sg.dwq[c] = aq;
+  }
+  if (dx) {
+    // dX = dOut * a_ch a_sp^T + w_q dqr^T + dg / HW + dxp p^T (+ wva^T d(theta), later)
+    const T inv_n = T(1) / static_cast<T>(N);
+    for (int64_t c = 0; c < C; ++c) {
+      const S* gr = go + c * N;
+      S* o = dx + c * N;
+      const T ac = a_ch[c], wq = k.wq[c], dgc = dg[c] * inv_n, dxc = dxp[c];
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i)
+        o[i] = static_cast<S>(static_cast<T>(gr[i]) * ac * a_sp[i] + wq * dqr[i] + dgc +
+                              dxc * p[i]);
+    }
+  }
+}
+
+}  // namespace cpu
+
+// The saved vectors of forward_s_cpu, one buffer, field-major (each field (B, len)).
+struct LayoutS {
+  int64_t p, xp, g, v, z1, mu, rstd, r1, a_ch, avg, a_sp, total;
+  LayoutS(int64_t b, int64_t c, int64_t c8, int64_t n) {
+    int64_t o = 0;
+    auto field = [&](int64_t len) { const int64_t at = o; o += b * len; return at; };
+    p = field(n), xp = field(c), g = field(c), v = field(c / 2), z1 = field(c8);
+    mu = field(1), rstd = field(1), r1 = field(c8), a_ch = field(c), avg = field(c / 2);
+    a_sp = field(n), total = o;
+  }
+};
+
+// out[j, i] = sum_b M[b, j, i] w[b, i] (sp_wv's gradient), rows split over threads.
+template <typename T>
+void scaled_sum(const T* M, const T* w, T* out, int64_t b, int64_t rows, int64_t cols) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / cols), [&](int64_t r0, int64_t r1) {
+    for (int64_t j = r0; j < r1; ++j) {
+      T* o = out + j * cols;
+      std::fill(o, o + cols, T(0));
+      for (int64_t k = 0; k < b; ++k) {
+        const T* m = M + (k * rows + j) * cols;
+        const T* wk = w + k * cols;
+#pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) o[i] += m[i] * wk[i];
+      }
+    }
+  });
+}
+
+// softmax_HW(wva X) (B, C/2, HW) in the accumulation dtype: the batched GEMM and softmax.
+static Tensor spatial_softmax(const Tensor& wva, const Tensor& x3, const Casts& k) {
+  return at::softmax(at::bmm(k.X(wva), x3), -1, k.acc);
+}
+
+// Saved: x, the LayoutS buffer.
+Forward forward_s_cpu(const Tensor& x, const PSAParams& prm_in) {
+  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t n = h * w, c2 = c / 2;
+  const Casts k(x);
+  const PSAParams prm = prm_in.to(k.acc).map([](const Tensor& t) { return t.contiguous(); });
+  const int64_t c8 = prm.ch_wz.size(0);
+  const LayoutS lay(b, c, c8, n);
+  const auto opt = x.options().dtype(k.acc);
+  const Tensor buf = at::empty({lay.total}, opt);
+  const Tensor wva = at::empty({b, c2, c}, opt);
+  const Tensor x3 = x.view({b, c, n});
+  Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto blk = cpu::make_block_s<T>(prm, c, n);
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    T* bd = buf.data_ptr<T>();
+    T* wd = wva.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> tmp(c);
+      for (int64_t i = b0; i < b1; ++i) {
+        cpu::forward_s_vectors<scalar_t, T>(
+            blk, xd + i * c * n, bd + lay.p + i * n, bd + lay.xp + i * c, bd + lay.g + i * c,
+            bd + lay.v + i * c2, bd + lay.z1 + i * c8, bd + lay.mu + i, bd + lay.rstd + i,
+            bd + lay.r1 + i * c8, bd + lay.a_ch + i * c, bd + lay.avg + i * c2,
+            wd + i * c2 * c, tmp.data());
+      }
+    });
+    const Tensor tt = spatial_softmax(wva, x3, k);  // (B, C/2, HW)
+    const T* td = tt.const_data_ptr<T>();
+    scalar_t* od = out.data_ptr<scalar_t>();
+    at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        cpu::forward_s_output<scalar_t, T>(blk, xd + i * c * n, td + i * c2 * n,
+                                           bd + lay.a_ch + i * c, bd + lay.avg + i * c2,
+                                           bd + lay.a_sp + i * n, od + i * c * n);
+      }
+    });
+  });
+  return {out, buf.narrow(0, lay.a_ch, b * c).view({b, c, 1, 1}),
+          buf.narrow(0, lay.a_sp, b * n).view({b, 1, h, w}), {x, buf}};
+}
+
+Backward backward_s_cpu(const variable_list& sv, const PSAParams& prm_in, const Tensor& grad_out,
+                        bool need_dx) {
+  const Tensor &x = sv[0], &buf = sv[1];
+  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t n = h * w, c2 = c / 2;
+  const Casts k(x);
+  const PSAParams prm = prm_in.to(k.acc).map([](const Tensor& t) { return t.contiguous(); });
+  const int64_t c8 = prm.ch_wz.size(0);
+  const Tensor go = grad_out.contiguous();
+  const auto opt = x.options().dtype(k.acc);
+  const LayoutS lay(b, c, c8, n);
+  const Tensor x3 = x.view({b, c, n});
+  // per-sample rows (field-major): da_ch, dlg, davg, gs, dz, dz1, dgamma, dbeta, dv, dwq,
+  // dqr_sum
+  const int64_t rda = 0, rdlg = rda + b * c, rdavg = rdlg + b * n, rgs = rdavg + b * c2;
+  const int64_t rdz = rgs + b * c, rdz1 = rdz + b * c, rdgam = rdz1 + b * c8;
+  const int64_t rdbet = rdgam + b * c8, rdv = rdbet + b * c8, rdwq = rdv + b * c2;
+  const int64_t rdq = rdwq + b * c;
+  const Tensor rows = at::empty({rdq + b}, opt);
+  const Tensor wva = at::empty({b, c2, c}, opt);
+  Backward r;
+  if (need_dx) r.dx = at::empty_like(x);
+  // parameter gradients, in the parameters' shapes (accumulation dtype); sp_bv (if any)
+  // cancels in the softmax and gets none, as in backward_s
+  PSAParams& gr = r.grads;
+  gr = prm.map([&](const Tensor& q) { return at::empty(q.sizes(), opt); });
+  gr.sp_bv = Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto blk = cpu::make_block_s<T>(prm, c, n);
+    const scalar_t* xd = x.const_data_ptr<scalar_t>();
+    const scalar_t* gd = go.const_data_ptr<scalar_t>();
+    const T* bd = buf.const_data_ptr<T>();
+    T* rd = rows.data_ptr<T>();
+    T* wd = wva.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        cpu::backward_s_first<scalar_t, T>(blk, xd + i * c * n, gd + i * c * n,
+                                           bd + lay.a_ch + i * c, bd + lay.a_sp + i * n,
+                                           rd + rda + i * c, rd + rdlg + i * n, wd + i * c2 * c);
+      }
+    });
+    // T recomputed, then d(theta) in its place
+    Tensor dth = spatial_softmax(wva, x3, k);
+    T* td = dth.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        cpu::backward_s_softmax<T>(blk, td + i * c2 * n, rd + rdlg + i * n,
+                                   bd + lay.avg + i * c2, rd + rdavg + i * c2);
+      }
+    });
+    const Tensor dth_x = k.X(dth);
+    const Tensor dwva = k.A(at::bmm(dth_x, x3.transpose(1, 2)));  // (B, C/2, C)
+    const T* dwd = dwva.const_data_ptr<T>();
+    scalar_t* dxd = need_dx ? r.dx.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, b, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> scratch(2 * c + c8 + n);
+      T *dg = scratch.data(), *dxp = dg + c, *dr1 = dxp + c, *dqr = dr1 + c8;
+      for (int64_t i = b0; i < b1; ++i) {
+        const cpu::SampleGradsS<T> sg{
+            rd + rda + i * c,    rd + rdlg + i * n,   rd + rdavg + i * c2, rd + rgs + i * c,
+            rd + rdz + i * c,    rd + rdz1 + i * c8,  rd + rdgam + i * c8, rd + rdbet + i * c8,
+            rd + rdv + i * c2,   rd + rdwq + i * c,   rd + rdq + i};
+        cpu::backward_s_rest<scalar_t, T>(
+            blk, xd + i * c * n, gd + i * c * n, dxd ? dxd + i * c * n : nullptr,
+            bd + lay.p + i * n, bd + lay.xp + i * c, bd + lay.g + i * c, bd + lay.z1 + i * c8,
+            bd[lay.mu + i], bd[lay.rstd + i], bd + lay.r1 + i * c8, bd + lay.a_ch + i * c,
+            bd + lay.a_sp + i * n, dwd + i * c2 * c, sg, dg, dxp, dr1, dqr);
+      }
+    });
+    if (need_dx) {  // + (W_v diag(a_ch))^T d(theta)
+      r.dx.view({b, c, n}).baddbmm_(k.X(wva).transpose(1, 2), dth_x);
+    }
+    // the cross-sample sums
+    auto sum = [&](const Tensor& grad, const T* rows_, int64_t len) {
+      if (grad.defined()) sum_rows<T>(rows_, nullptr, grad.data_ptr<T>(), b, len);
+    };
+    auto outer = [&](const Tensor& grad, const T* L, const T* R, int64_t m, int64_t len) {
+      if (grad.defined()) outer_sum<T>(L, R, grad.data_ptr<T>(), b, m, len);
+    };
+    sum(gr.ch_wq, rd + rdwq, c);
+    sum(gr.ch_bq, rd + rdq, 1);
+    outer(gr.ch_wv, rd + rdv, bd + lay.xp, c2, c);
+    sum(gr.ch_bv, rd + rdv, c2);
+    outer(gr.ch_wz, rd + rdz1, bd + lay.v, c8, c2);
+    sum(gr.ch_bz, rd + rdz1, c8);
+    sum(gr.ch_ln_w, rd + rdgam, c8);
+    sum(gr.ch_ln_b, rd + rdbet, c8);
+    outer(gr.ch_wz2, rd + rdz, bd + lay.r1, c, c8);
+    sum(gr.ch_bz2, rd + rdz, c);
+    outer(gr.sp_wq, rd + rdavg, rd + rgs, c2, c);
+    sum(gr.sp_bq, rd + rdavg, c2);
+    scaled_sum<T>(dwd, bd + lay.a_ch, gr.sp_wv.data_ptr<T>(), b, c2, c);  // sp_wv
   });
   return r;
 }

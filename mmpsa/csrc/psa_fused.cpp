@@ -70,8 +70,9 @@ void append_param_grads(AutogradContext* ctx, const PSAParams& params, const PSA
   }
 }
 
-// Which evaluation runs: official PSA_s, the per-sample CPU kernel, or the ATen path.
-enum class Path : int64_t { kAten = 0, kCpuKernel = 1, kOfficialS = 2 };
+// Which evaluation runs: official PSA_s (ATen ops / its CPU kernel), the per-sample CPU
+// kernel, or the ATen path.
+enum class Path : int64_t { kAten = 0, kCpuKernel = 1, kOfficialS = 2, kOfficialSCpu = 3 };
 
 }  // namespace
 
@@ -82,15 +83,17 @@ struct FusedPSA : public torch::autograd::Function<FusedPSA> {
   // evaluations read prm.
   static variable_list forward(AutogradContext* ctx, const Tensor& x, bool paper, bool seq,
                                bool cpu_kernel, const PSAParams& prm, at::TensorList present) {
-    const Path path = (!paper && seq) ? Path::kOfficialS
-                      : (cpu_kernel && use_cpu_kernel(x)) ? Path::kCpuKernel
-                                                          : Path::kAten;
+    const bool kernel = cpu_kernel && use_cpu_kernel(x);
+    const Path path = (!paper && seq) ? (kernel ? Path::kOfficialSCpu : Path::kOfficialS)
+                      : kernel        ? Path::kCpuKernel
+                                      : Path::kAten;
     Forward f;
     {
       // softmax, LayerNorm and the small vectors run in >= fp32 whatever autocast says
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       switch (path) {
         case Path::kOfficialS: f = forward_s(x, prm); break;
+        case Path::kOfficialSCpu: f = forward_s_cpu(x, prm); break;
         case Path::kCpuKernel: f = forward_pp_cpu(paper, seq, x, prm); break;
         case Path::kAten: f = forward_pp(paper, seq, x, prm); break;
       }
@@ -129,6 +132,7 @@ struct FusedPSA : public torch::autograd::Function<FusedPSA> {
       const bool need_dx = ctx->needs_input_grad(0);
       switch (path) {
         case Path::kOfficialS: r = backward_s(sv, prm, grad_out, need_dx); break;
+        case Path::kOfficialSCpu: r = backward_s_cpu(sv, prm, grad_out, need_dx); break;
         case Path::kCpuKernel: r = backward_pp_cpu(paper, seq, sv, prm, grad_out, need_dx); break;
         case Path::kAten: r = backward_pp(paper, seq, sv, prm, grad_out, need_dx); break;
       }
@@ -181,6 +185,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("cpu_kernel") = true);
   m.def("uses_cpu_kernel", &mmpsa::use_cpu_kernel,
         "Whether fused_psa(x, ..., cpu_kernel=True) evaluates x with the per-sample CPU "
-        "kernel (paper variant and official PSA_p; otherwise its ATen-op path)",
+        "kernel (every variant; otherwise its ATen-op path)",
         py::arg("x"));
 }

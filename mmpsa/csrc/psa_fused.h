@@ -14,7 +14,8 @@
 //   psa_fused.h         this: the parameter form (PSAParams) and the evaluations' API
 //   psa_fused.cpp       the autograd Function (FusedPSA), the dispatch, the bindings
 //   psa_aten.cpp        paper variant and official PSA_p in ATen ops (any device/dtype)
-//   psa_cpu_kernel.cpp  the same maths per sample in plain loops (small CPU inputs)
+//   psa_cpu_kernel.cpp  the same maths per sample in plain loops (small CPU inputs), and
+//                       official PSA_s's (its (C/2, HW) GEMMs and softmax in ATen)
 //   psa_official_s.cpp  official PSA_s in ATen ops
 // The Python side (psa_fused.py) keeps the same maths as plain differentiable ops for
 // torch.jit tracing and torch.compile/export, and as the fallback when this extension
@@ -114,11 +115,15 @@ Forward forward_pp(bool paper, bool seq, const Tensor& x, const PSAParams& prm);
 Backward backward_pp(bool paper, bool seq, const variable_list& saved, const PSAParams& prm,
                      const Tensor& grad_out, bool need_dx);
 
-// psa_cpu_kernel.cpp: the same for contiguous CPU inputs, per sample in loops.
+// psa_cpu_kernel.cpp: the same for contiguous CPU inputs, per sample in loops, and
+// official PSA_s likewise (its (C/2, HW) GEMMs and softmax as batched ATen ops).
 bool use_cpu_kernel(const Tensor& x);
 Forward forward_pp_cpu(bool paper, bool seq, const Tensor& x, const PSAParams& prm);
 Backward backward_pp_cpu(bool paper, bool seq, const variable_list& saved,
                          const PSAParams& prm, const Tensor& grad_out, bool need_dx);
+Forward forward_s_cpu(const Tensor& x, const PSAParams& prm);
+Backward backward_s_cpu(const variable_list& saved, const PSAParams& prm,
+                        const Tensor& grad_out, bool need_dx);
 
 // psa_official_s.cpp: official PSA_s, ATen ops only.
 Forward forward_s(const Tensor& x, const PSAParams& prm);

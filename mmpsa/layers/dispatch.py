@@ -8,8 +8,8 @@ The paths (:data:`PATHS`), each computing the same output and maps:
   (:func:`mmpsa.layers.psa_fused.plain_psa`); what ``torch.jit`` tracing,
   ``torch.compile``/``torch.export`` and a missing extension run.
 * ``'cpu'`` / ``'aten'``: the compiled autograd Function of ``mmpsa._ext`` with its per-sample
-  CPU kernel / with ATen ops only (official PSA_s and large or non-contiguous CPU inputs take
-  ATen ops under ``'cpu'`` too, and the block then records ``'aten'``).
+  CPU kernel / with ATen ops only (large or non-contiguous CPU inputs take ATen ops under
+  ``'cpu'`` too, and the block then records ``'aten'``).
 * ``'triton'``: the Triton kernels (:mod:`mmpsa.layers.psa_triton`, imported here only, on
   first use), for CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 
@@ -235,7 +235,7 @@ def choose_path(x: Tensor, paper: bool, sequential: bool) -> str:
     if path in ('cpu', 'aten') and _EXT is None:
         raise RuntimeError(f'MMPSA_BACKEND={path} needs mmpsa._ext, which is not built (see '
                            'the warning above); use MMPSA_BACKEND=auto or plain')
-    if path == 'cpu' and ((not paper and sequential) or not _EXT.uses_cpu_kernel(x)):
+    if path == 'cpu' and not _EXT.uses_cpu_kernel(x):
         return 'aten'  # what the compiled Function itself will do with it
     return path
 

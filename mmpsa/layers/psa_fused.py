@@ -23,10 +23,10 @@ pixels to ``W_v(Y)``, which does not fuse: it is computed with ``a_ch`` folded i
 Where it runs:
 
 * The autograd Function with the hand-written backward is C++ (``mmpsa/csrc``, built
-  into ``mmpsa._ext`` by ``pip install``). For the paper variant and official PSA_p on
-  small contiguous CPU inputs (every HRNet shape) it evaluates each sample in plain
-  loops, one sample per thread, with the passes over X fused
-  (``psa_cpu_kernel.cpp``); elsewhere (other devices, large inputs) it calls ATen ops
+  into ``mmpsa._ext`` by ``pip install``). On small contiguous CPU inputs (every HRNet
+  shape) it evaluates each sample in plain loops, one sample per thread, with the passes
+  over X fused (``psa_cpu_kernel.cpp``; PSA_s's C/2 x HW GEMMs and softmax stay batched
+  ATen ops); elsewhere (other devices, large inputs) it calls ATen ops
   only (``psa_aten.cpp``; PSA_s: ``psa_official_s.cpp``), so it runs on any device and
   dtype. At the HRNet shapes a step in ATen ops is ~50 ops of a few microseconds each
   on tiny tensors; the Python version of the same ops was slower still (its per-op

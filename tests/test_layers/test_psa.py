@@ -397,8 +397,7 @@ def test_cpu_kernel_size_rule():
 
 
 @pytest.mark.parametrize('shape', [(1, C, 5, 3), (3, C, 5, 3), (4, 512, 5, 3)])
-@pytest.mark.parametrize('variant,mode', [('paper', 'parallel'), ('paper', 'sequential'),
-                                          ('official', 'parallel')])
+@pytest.mark.parametrize('variant,mode', ALL)
 def test_cpu_kernel_two_threads(variant, mode, shape):
     # as in real use: the kernel splits the batch over the threads (1: one thread idle;
     # 3: unevenly) and the rows of the weight gradients (C = 512: more than one share)
@@ -582,7 +581,7 @@ def fp64_literal(block, x, grad):
 # 8 seeds): the per-sample CPU kernel (fp32 inside) bf16 3.1e-3 / 3.7e-3, fp16
 # 4.3e-4 / 4.7e-4; the ATen path, which contracts in the input dtype, and the literal
 # form bf16 3.3e-2 / 8.6e-2 (an ill-conditioned sp_wv.bias gradient), fp16 6.8e-3 /
-# 8.8e-3; PSA_s (ATen in every form) bf16 1.5e-2, fp16 3.3e-3 at seed 0. A dropped
+# 8.8e-3; PSA_s (its GEMMs in x's dtype) bf16 1.5e-2, fp16 3.3e-3 at seed 0. A dropped
 # bias, a wrong sign or a missing 1/HW is >= 8.5e-2 in some tensor (fp64, every
 # parameter tried), most 5 % errors of one parameter >= 1e-2.
 HALF_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}

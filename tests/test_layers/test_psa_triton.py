@@ -82,10 +82,10 @@ def test_last_path_records_what_ran():
             block(x)
         assert block.last_path == want
     official_s = PolarizedSelfAttention(16, mode='sequential', variant='official')
-    with backend('cpu'):  # PSA_s has no per-sample kernel: the Function takes ATen ops
+    with backend('cpu'):  # PSA_s has a per-sample kernel too
         official_s(torch.randn(2, 16, 2, 3))
-    assert official_s.last_path == 'aten'
-    with backend('cpu'):  # neither does a channels_last input
+    assert official_s.last_path == 'cpu'
+    with backend('cpu'):  # a channels_last input takes ATen ops
         block(x.contiguous(memory_format=torch.channels_last))
     assert block.last_path == 'aten'
     traced = torch.jit.trace(block, x, check_trace=False)
