@@ -102,6 +102,34 @@ void combine_rows(const S* X, const T* coef, T c0, T* out, int64_t C, int64_t N)
   }
 }
 
+// X p and GP(X) in one pass over X (C, N): xp[c] = sum_i X[c,i] p[i], g[c] = mean_i X[c,i].
+template <typename S, typename T>
+void pool_rows(const S* x, const T* p, T* xp, T* g, int64_t C, int64_t N) {
+  const T inv_n = T(1) / static_cast<T>(N);
+  for (int64_t c = 0; c < C; ++c) {
+    const S* row = x + c * N;
+    T sp = 0, sg = 0;
+#pragma omp simd reduction(+ : sp, sg)
+    for (int64_t i = 0; i < N; ++i) {
+      const T xv = static_cast<T>(row[i]);
+      sp += xv * p[i];
+      sg += xv;
+    }
+    xp[c] = sp, g[c] = sg * inv_n;
+  }
+}
+
+// LayerNorm statistics of z (len): the mean and 1 / sqrt(var + eps).
+template <typename T>
+void layer_norm_stats(const T* z, int64_t len, T eps, T* mu, T* rstd) {
+  T m = 0;
+  for (int64_t i = 0; i < len; ++i) m += z[i];
+  m /= static_cast<T>(len);
+  T var = 0;
+  for (int64_t i = 0; i < len; ++i) var += (z[i] - m) * (z[i] - m);
+  *mu = m, *rstd = T(1) / std::sqrt(var / static_cast<T>(len) + eps);
+}
+
 // Parameters and shape of a block, parameters in the accumulation type (contiguous);
 // absent ones are null. LayerNorm (gamma, beta) when ln.
 template <typename T>
@@ -135,28 +163,12 @@ void forward_sample(const Block<T>& k, const S* x, S* out, T* p, T* xp, T* g, T*
   // channel-only branch: p = softmax(w_q^T X); X p and GP(X) in one pass
   combine_rows(x, k.wq, T(0), tmp_n, C, N);
   softmax_out(tmp_n, p, N);
-  const T inv_n = T(1) / static_cast<T>(N);
-  for (int64_t c = 0; c < C; ++c) {
-    const S* row = x + c * N;
-    T sp = 0, sg = 0;
-#pragma omp simd reduction(+ : sp, sg)
-    for (int64_t i = 0; i < N; ++i) {
-      const T xv = static_cast<T>(row[i]);
-      sp += xv * p[i];
-      sg += xv;
-    }
-    xp[c] = sp, g[c] = sg * inv_n;
-  }
+  pool_rows(x, p, xp, g, C, N);
   matvec(k.wv, xp, k.bv, v, C2, C);
   matvec(k.wz, v, k.bz, z, C, C2);
   if (k.ln) {  // LayerNorm over the C channel weights, then sigmoid
-    T m = 0;
-    for (int64_t c = 0; c < C; ++c) m += z[c];
-    m /= static_cast<T>(C);
-    T var = 0;
-    for (int64_t c = 0; c < C; ++c) var += (z[c] - m) * (z[c] - m);
-    const T r = T(1) / std::sqrt(var / static_cast<T>(C) + k.eps);
-    *mu = m, *rstd = r;
+    layer_norm_stats(z, C, k.eps, mu, rstd);
+    const T m = *mu, r = *rstd;
     for (int64_t c = 0; c < C; ++c) {
       a_ch[c] = sigmoid((z[c] - m) * r * k.gamma[c] + (k.beta ? k.beta[c] : T(0)));
     }
@@ -557,28 +569,12 @@ void forward_s_vectors(const BlockS<T>& k, const S* x, T* p, T* xp, T* g, T* v, 
   // p = softmax(w_q^T X); X p and GP(X) in one pass
   combine_rows(x, k.wq, T(0), p, C, N);
   softmax_(p, N);
-  const T inv_n = T(1) / static_cast<T>(N);
-  for (int64_t c = 0; c < C; ++c) {
-    const S* row = x + c * N;
-    T sp = 0, sg = 0;
-#pragma omp simd reduction(+ : sp, sg)
-    for (int64_t i = 0; i < N; ++i) {
-      const T xv = static_cast<T>(row[i]);
-      sp += xv * p[i];
-      sg += xv;
-    }
-    xp[c] = sp, g[c] = sg * inv_n;
-  }
+  pool_rows(x, p, xp, g, C, N);
   // a_ch = sigmoid(W2 relu(LN(W1 (W_v X p + b_v) + b1)) + b2)
   matvec(k.wv, xp, k.bv, v, C2, C);
   matvec(k.w1, v, k.b1, z1, C8, C2);
-  T m = 0;
-  for (int64_t i = 0; i < C8; ++i) m += z1[i];
-  m /= static_cast<T>(C8);
-  T var = 0;
-  for (int64_t i = 0; i < C8; ++i) var += (z1[i] - m) * (z1[i] - m);
-  const T rs = T(1) / std::sqrt(var / static_cast<T>(C8) + k.eps);
-  *mu = m, *rstd = rs;
+  layer_norm_stats(z1, C8, k.eps, mu, rstd);
+  const T m = *mu, rs = *rstd;
   for (int64_t i = 0; i < C8; ++i) {
     const T ln = (z1[i] - m) * rs * k.gamma[i] + (k.beta ? k.beta[i] : T(0));
     r1[i] = ln > T(0) ? ln : T(0);
