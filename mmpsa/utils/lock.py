@@ -39,8 +39,7 @@ def _vendored(dist: metadata.Distribution) -> bool:
     ``sys.path``, so those copies became visible inside training jobs and not outside: the
     same venv hashed two ways (``83351a…`` in jobs, the lock's ``26764f…`` outside).
     """
-    path = getattr(dist, '_path', None)
-    return path is not None and '_vendor' in Path(str(path)).parts
+    return '_vendor' in Path(str(dist.locate_file(''))).parts
 
 
 def installed_packages() -> List[str]:
