@@ -16,7 +16,9 @@
 #              LOCK (default requirements/lock/torch2.14.txt with the default TORCH_SPEC, else
 #              none), LOCK_WRITE (write the installed set as a lock there at the end),
 #              MMPSA_DOCS (1: install the doc tools, requirements/docs.txt; 0: not; default:
-#              where the lock pins sphinx, i.e. the torch 2.14 end, not the torch 2.1 one).
+#              where the lock pins sphinx, i.e. the torch 2.14 end, not the torch 2.1 one),
+#              MMPSA_SETUP_NEED_GB (free space a new venv needs, default 8; checked first).
+# A failed pip install stops the set-up at that step with pip's message.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
@@ -42,7 +44,32 @@ fi
 start=$(date +%s)
 step() { echo "[setup $(( $(date +%s) - start ))s] $*"; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip_q() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | grep -v -E '^WARNING: Location .* is ignored' || true; }
+# pip install, quiet; its exit status is kept (a failed install stops the set-up here, with
+# pip's own message, instead of surfacing later as a missing module)
+pip_q() {
+  local out rc=0
+  out=$("$VENV/bin/python" -m pip install -q "$@" 2>&1) || rc=$?
+  if [ -n "$out" ]; then
+    printf '%s\n' "$out" | grep -v -E '^WARNING: Location .* is ignored' || true
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "setup: 'pip install $*' failed (exit $rc); see pip's message above" >&2
+    return "$rc"
+  fi
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # a new venv with the stack takes ~6.5 GB (torch's CUDA wheels); pip's own 'No space left on
+  # device' comes midway, so say it first, with the numbers
+  need_gb=${MMPSA_SETUP_NEED_GB:-8}
+  venv_parent=$(dirname "$VENV")
+  free_gb=$(df -Pk "$venv_parent" | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "setup: $free_gb GB free under $venv_parent, a new $VENV needs about $need_gb GB" \
+      "(torch + the OpenMMLab stack); free some space or set MMPSA_SETUP_NEED_GB" >&2
+    exit 1
+  fi
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $($PYTHON --version)"
