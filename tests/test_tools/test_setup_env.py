@@ -55,3 +55,13 @@ def test_new_venv_needs_free_space(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f'under {tmp_path}, a new {venv} needs about 1000000 GB' in result.stderr
     assert not venv.exists()
+
+
+def test_free_space_setting_must_be_a_number(tmp_path: Path) -> None:
+    """A threshold that is not a whole number of GB is named with its value."""
+    venv = tmp_path / 'venv'
+    result = _run_setup(venv, MMPSA_SETUP_NEED_GB='8x')
+
+    assert result.returncode == 1
+    assert "MMPSA_SETUP_NEED_GB must be a whole number of GB, not '8x'" in result.stderr
+    assert not venv.exists()

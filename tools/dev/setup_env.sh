@@ -62,6 +62,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   # a new venv with the stack takes ~6.5 GB (torch's CUDA wheels); pip's own 'No space left on
   # device' comes midway, so say it first, with the numbers
   need_gb=${MMPSA_SETUP_NEED_GB:-8}
+  case "$need_gb" in
+    '' | *[!0-9]*) echo "setup: MMPSA_SETUP_NEED_GB must be a whole number of GB, not '$need_gb'" >&2; exit 1 ;;
+  esac
   venv_parent=$(dirname "$VENV")
   free_gb=$(df -Pk "$venv_parent" | awk 'NR==2 {print int($4 / 1048576)}')
   if [ "$free_gb" -lt "$need_gb" ]; then
@@ -69,9 +72,6 @@ if [ ! -x "$VENV/bin/python" ]; then
       "(torch + the OpenMMLab stack); free some space or set MMPSA_SETUP_NEED_GB" >&2
     exit 1
   fi
-fi
-
-if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
